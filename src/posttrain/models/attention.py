@@ -1,0 +1,93 @@
+"""Attention shared by every model family: document-aware masks and a preallocated KV cache.
+
+A token may attend to an earlier (or the same) slot only when both carry the same document id.
+Packed training rows use this so that no example sees another; left-padded generation uses it
+with pad slots given their own document id, so real tokens never see padding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated to `max_len` slots.
+
+    `doc_ids` holds the document id of each filled slot so that later queries can be masked
+    against it; `length` is how many slots are filled (the same for every row of the batch).
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.doc_ids = torch.zeros(batch, max_len, dtype=torch.long, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's (B, H, T, D) keys/values after the filled slots; return all filled slots."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reserve(self, doc_ids: torch.Tensor) -> None:
+        """Record the document ids of the T slots this forward step is about to fill."""
+        end = self.length + doc_ids.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; this step would need {end}")
+        self.doc_ids[:, self.length:end] = doc_ids
+
+    def advance(self, steps: int) -> None:
+        self.length += steps
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop finished sequences from the batch (rows: indices to keep)."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.doc_ids = self.doc_ids[rows]
+
+
+def attention_mask(document_ids: torch.Tensor | None, cache: KVCache | None, batch: int,
+                   seq_len: int) -> torch.Tensor | None:
+    """Boolean (B, 1, T, S) mask, True where attention is allowed; None means plain causal.
+
+    Queries fill slots [offset, offset + T) after what the cache already holds; their document
+    ids are recorded in the cache so that later steps are masked against them. Without ids a
+    step is document 0, the id a generation prompt's real tokens carry.
+    """
+    offset = cache.length if cache is not None else 0
+    if cache is not None:
+        if document_ids is None:
+            document_ids = cache.doc_ids.new_zeros(batch, seq_len)
+        cache.reserve(document_ids)
+    if document_ids is None:
+        return None  # plain causal: SDPA's is_causal fast path
+    device = document_ids.device
+    q_slot = torch.arange(offset, offset + seq_len, device=device)
+    k_slot = torch.arange(offset + seq_len, device=device)
+    causal = q_slot[:, None] >= k_slot[None, :]  # (T, S)
+    key_docs = cache.doc_ids[:, :offset + seq_len] if cache is not None else document_ids
+    same_doc = document_ids[:, :, None] == key_docs[:, None, :]  # (B, T, S)
+    return (causal[None] & same_doc)[:, None]
+
+
+def scaled_dot_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, H, T, D) queries against (B, Hkv, S, D) keys/values, grouped-query aware."""
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: share each kv head across a group
+        repeat = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(repeat, dim=1)
+        v = v.repeat_interleave(repeat, dim=1)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def default_positions(cache: KVCache | None, batch: int, seq_len: int, device: torch.device
+                      ) -> torch.Tensor:
+    """Positions when the caller gives none: count on from what the cache holds."""
+    offset = cache.length if cache is not None else 0
+    return torch.arange(offset, offset + seq_len, device=device).expand(batch, seq_len)
