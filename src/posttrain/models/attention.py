@@ -77,13 +77,10 @@ def attention_mask(document_ids: torch.Tensor | None, cache: KVCache | None, bat
 def scaled_dot_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        mask: torch.Tensor | None) -> torch.Tensor:
     """(B, H, T, D) queries against (B, Hkv, S, D) keys/values, grouped-query aware."""
-    if k.shape[1] != q.shape[1]:  # grouped-query attention: share each kv head across a group
-        repeat = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(repeat, dim=1)
-        v = v.repeat_interleave(repeat, dim=1)
+    gqa = k.shape[1] != q.shape[1]  # grouped-query: SDPA shares each kv head across its group
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 def default_positions(cache: KVCache | None, batch: int, seq_len: int, device: torch.device
