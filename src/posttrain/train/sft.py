@@ -1,0 +1,166 @@
+"""Supervised (instruction) fine-tuning: data -> batches -> the shared loop -> a run directory.
+
+`sft(...)`'s typed signature and docstring are the `posttrain sft` command. With no arguments it runs
+the offline demo: the packaged SmolLM2-135M-Instruct on posttrain's embedded instruction set, with
+exact match on the held-out split measured before and after training.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from posttrain.data.batching import BatchLoader
+from posttrain.data.demo import exact_match
+from posttrain.data.formats import records_to_messages
+from posttrain.data.sources import load_records
+from posttrain.data.tokenize import SFTData, prepare_sft_data
+from posttrain.generate import GenerationConfig, generate_text
+from posttrain.models.registry import OFFLINE_DEFAULT
+from posttrain.prompts import PromptStyle, resize_model_for_tokenizer
+from posttrain.runlog import write_config
+from posttrain.train.loop import TrainConfig, train
+from posttrain.train.losses import sft_loss
+from posttrain.weights import load, save_pretrained
+from posttrain.weights.checkpoint import atomic_write
+
+DEMO_DATA = "demo"
+STYLE_FILE = "posttrain.json"  # beside a saved model: the prompt style generation and serve use
+
+
+@dataclass
+class DataConfig:
+    path: str = DEMO_DATA            # file, folder, http(s) URL, hub dataset id, or "demo"
+    style: str = "alpaca"            # alpaca | phi3 | chatml | llama2 | template | plain | auto
+    loss_on: str = "all"             # all (prompt and response) | response (assistant turns only)
+    max_length: int = 1024
+    batching: str = "padding"        # padding | packed | concat
+    batch_size: int = 8              # rows per micro-batch (grad_accum micro-batches per step)
+    group_by_length: bool = False    # padding: batch examples of similar length together
+    val_path: str | None = None      # separate validation file (then `path` is all training data)
+    test_path: str | None = None
+    split: tuple[float, float, float] = (0.85, 0.10, 0.05)  # train, test, val fractions, in order
+    shuffle: bool = False            # shuffle records before splitting
+    seed: int = 0
+    overlong: str = "truncate"       # truncate | drop (both counted and reported)
+    skip_invalid: bool = False       # count and skip bad records instead of stopping
+    mix_path: str | None = None      # a second dataset blended into train (e.g. pre-training text)
+    mix_ratio: float = 0.0
+    cache: bool = True               # tokenized data cached on disk
+
+
+@dataclass
+class SampleConfig:
+    prompts: int = 3                 # val prompts answered at each evaluation (samples.jsonl)
+    max_new_tokens: int = 64
+    exact_match: bool = False        # exact match on the held-out split before and after training
+
+
+def demo_train_config() -> TrainConfig:
+    return TrainConfig(lr=1e-4, weight_decay=0.0, warmup_steps=5, schedule="cosine", epochs=1, eval_every=20)
+
+
+def sft(model: str = OFFLINE_DEFAULT, data: DataConfig = DataConfig(), train: TrainConfig = TrainConfig(),
+        samples: SampleConfig = SampleConfig(), run_dir: str | None = None, runs: str = "runs",
+        name: str | None = None) -> dict:
+    """Instruction fine-tuning. With no arguments: the offline demo (SmolLM2-135M-Instruct on posttrain's
+    embedded instruction set, exact match on its held-out split before and after).
+
+    Args:
+        model: preset alias, hub id, local Hugging Face directory, .gguf file or run directory.
+        data: dataset, prompt style, loss masking and batching.
+        train: optimizer, schedule, precision, accumulation, evaluation and checkpoints.
+        samples: sample generations at each evaluation; exact match before/after.
+        run_dir: where the run is written (default: RUNS/NAME).
+        runs: folder of runs.
+        name: run name (default: sft-<model>-<time>).
+    """
+    return run_sft(model, data, train, samples, run_dir, runs, name)
+
+
+def run_sft(model: str, data: DataConfig, train_config: TrainConfig, samples: SampleConfig,
+            run_dir: str | None, runs: str = "runs", name: str | None = None) -> dict:
+    demo = data.path == DEMO_DATA
+    if demo and train_config == TrainConfig():
+        train_config = demo_train_config()
+    if demo:
+        samples = SampleConfig(**{**asdict(samples), "exact_match": True})
+    run_dir = Path(run_dir) if run_dir else Path(runs) / (name or f"sft-{Path(model).name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    net, tokenizer = load(model)
+    sft_data = prepare_sft_data(data.path, tokenizer, data.style, data.loss_on, data.max_length, data.val_path,
+                                data.test_path, tuple(data.split), data.shuffle, data.seed, data.skip_invalid,
+                                data.overlong, data.mix_path, data.mix_ratio, cache=data.cache)
+    style = sft_data.style
+    if resize_model_for_tokenizer(net, tokenizer):
+        print(f"added special tokens for {style.name}; embeddings resized to {net.config.vocab_size}")
+    print(sft_data.summary())
+    train_batches = BatchLoader(sft_data.train, data.batching, data.batch_size, data.max_length,
+                                tokenizer.pad_id, shuffle=True, seed=data.seed, group_by_length=data.group_by_length)
+    val_batches = (BatchLoader(sft_data.val, data.batching, data.batch_size, data.max_length, tokenizer.pad_id,
+                               shuffle=False) if sft_data.val is not None else None)
+    print(f"batching {data.batching}: {train_batches.stats}")
+    write_config(run_dir, {"task": "sft", "model": model, "data": asdict(data), "train": asdict(train_config),
+                           "samples": asdict(samples), "data_report": sft_data.report})
+
+    heldout = demo_heldout() if demo else None
+    summary: dict = {"run_dir": str(run_dir)}
+    if samples.exact_match and heldout:
+        summary["exact_match_before"] = exact_match_rate(net, tokenizer, style, heldout, samples.max_new_tokens)
+        print(f"exact match before training: {summary['exact_match_before']:.3f} on {len(heldout)} held-out examples")
+
+    sample_prompts = sample_messages(sft_data, samples.prompts)
+
+    def sample_fn(m, step):
+        return answer(m, tokenizer, style, sample_prompts, samples.max_new_tokens)
+
+    def save_final(m, path):
+        save_model(m, tokenizer, style, path)
+
+    summary.update(train(net, train_config, train_batches, sft_loss, run_dir, val_data=val_batches,
+                         sample_fn=sample_fn if sample_prompts else None, save_final=save_final))
+    if samples.exact_match and heldout:
+        summary["exact_match_after"] = exact_match_rate(net, tokenizer, style, heldout, samples.max_new_tokens)
+        print(f"exact match after training: {summary['exact_match_after']:.3f} "
+              f"(before: {summary['exact_match_before']:.3f})")
+    atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+    print(f"run: {run_dir}  (plots: {run_dir / 'plots'}, model: {run_dir / 'model'})")
+    return summary
+
+
+def demo_heldout() -> list[dict]:
+    """The demo's held-out conversations (prompt only) with their reference answers."""
+    conversations, _ = records_to_messages(load_records("demo:heldout"))
+    return [{"messages": c[:-1], "reference": c[-1]["content"]} for c in conversations]
+
+
+def save_model(model, tokenizer, style: PromptStyle, path: Path) -> None:
+    """The final model in Hugging Face format, plus the prompt style that generation must use."""
+    save_pretrained(model, tokenizer, path)
+    atomic_write(Path(path) / STYLE_FILE, json.dumps({"prompt_style": style.name}))
+
+
+def sample_messages(sft_data: SFTData, n: int) -> list[list[dict]]:
+    """The first n validation conversations, cut before their final assistant reply."""
+    conversations = (sft_data.val_messages or [])[:n]
+    return [c[:-1] if c and c[-1]["role"] == "assistant" else c for c in conversations]
+
+
+@torch.inference_mode()
+def answer(model, tokenizer, style: PromptStyle, conversations: list[list[dict]], max_new_tokens: int) -> list[dict]:
+    """Greedy answers to conversations, rendered with the run's prompt style."""
+    prompts = [style.render(c, add_generation_prompt=True)[0] for c in conversations]
+    config = GenerationConfig(max_new_tokens=max_new_tokens, stop_strings=list(style.stop_strings),
+                              stop_ids=list(style.stop_ids))
+    texts = generate_text(model, tokenizer, prompts, config)
+    return [{"prompt": c[-1]["content"], "response": t} for c, t in zip(conversations, texts)]
+
+
+def exact_match_rate(model, tokenizer, style: PromptStyle, records: list[dict], max_new_tokens: int) -> float:
+    """Share of held-out (messages, reference) pairs whose greedy answer matches exactly."""
+    conversations = [r["messages"] for r in records]
+    answers = answer(model, tokenizer, style, conversations, max_new_tokens)
+    return sum(exact_match(a["response"], r["reference"]) for a, r in zip(answers, records)) / len(records)
