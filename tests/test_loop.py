@@ -18,7 +18,7 @@ from posttrain.models.gpt2 import GPT2Config
 from posttrain.models.registry import build_model
 from posttrain.report import plot_run
 from posttrain.runlog import read_jsonl, write_config
-from posttrain.train.loop import TrainConfig, TrainingInterrupted, forward_backward, train
+from posttrain.train.loop import TrainConfig, forward_backward, train
 from posttrain.train.losses import IGNORE_INDEX, count_targets, counts, sft_loss
 from posttrain.weights.checkpoint import load_checkpoint
 
@@ -66,7 +66,7 @@ def noisy_sft_loss(model, batch):
 
 
 def quiet(**kw) -> TrainConfig:
-    return TrainConfig(**{"lr": 1e-3, "progress": False, **kw})
+    return TrainConfig(**{"lr": 1e-3, "progress": False, "log_every": 1, **kw})
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -106,45 +106,60 @@ def test_accumulation_equals_one_big_batch(tmp_path):
     assert losses(tmp_path / "accum")[1] == pytest.approx(losses(tmp_path / "big")[1], abs=1e-6)
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    """8 steps straight vs. a crash in step 6 (checkpoint at 4, mid-epoch) and a resume to 8."""
-    cfg = dict(max_steps=8, grad_accum=2, warmup_steps=2, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.1,
-               save_every=4)   # 6 micro-batches = 3 steps per epoch: crosses 2 epochs
-    straight = tiny_model()
-    train(straight, quiet(**cfg), Shuffled(), noisy_sft_loss, tmp_path / "straight")
+def packed_loader():
+    """The data pipeline's own loader: packed rows with document ids, shuffled per epoch."""
+    from posttrain.data.batching import BatchLoader
+    from posttrain.data.tokenize import TokenizedDataset
 
-    calls = 0
+    g = torch.Generator().manual_seed(4)
+    examples = []
+    for _ in range(24):
+        length = int(torch.randint(4, 20, (), generator=g))
+        prompt = int(torch.randint(1, length, (), generator=g))
+        examples.append((torch.randint(1, VOCAB, (length,), generator=g).tolist(),
+                         [False] * prompt + [True] * (length - prompt)))
+    return BatchLoader(TokenizedDataset.from_examples(examples), mode="packed", batch_size=2, max_length=32, seed=3)
+
+
+@pytest.mark.parametrize("source", ["shuffled", "packed-loader"])
+def test_resume_equals_uninterrupted(tmp_path, source):
+    """8 steps straight vs. a crash in step 6 (checkpoint at 4, mid-epoch) and a resume to 8."""
+    make_source = Shuffled if source == "shuffled" else packed_loader
+    cfg = dict(max_steps=8, grad_accum=2, warmup_steps=2, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.1,
+               save_every=4)
+    steps_per_epoch = math.ceil(len(make_source()) / 2)
+    assert 8 > steps_per_epoch > 1 and 4 % steps_per_epoch  # crosses epochs; the checkpoint is mid-epoch
+    straight = tiny_model()
+    train(straight, quiet(**cfg), make_source(), noisy_sft_loss, tmp_path / "straight")
 
     def crashing_loss(model, batch):
-        nonlocal calls
-        calls += 1
-        if calls == 11:  # first micro-batch of step 6
+        if len(read_jsonl(tmp_path / "resumed/metrics.jsonl")) == 5:  # steps 1-5 done: crash in step 6
             raise RuntimeError("simulated crash")
         return noisy_sft_loss(model, batch)
 
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(tiny_model(), quiet(**cfg), Shuffled(), crashing_loss, tmp_path / "resumed")
+        train(tiny_model(), quiet(**cfg), make_source(), crashing_loss, tmp_path / "resumed")
     assert sorted(losses(tmp_path / "resumed")) == [1, 2, 3, 4, 5]   # step 5 logged, not checkpointed
     state = json.loads((tmp_path / "resumed/checkpoints/last/state.json").read_text())
-    assert (state["step"], state["epoch"], state["batch"]) == (4, 1, 2)
+    assert (state["step"], state["epoch"], state["batch"]) == (4, 4 // steps_per_epoch, 4 % steps_per_epoch * 2)
 
     torch.manual_seed(123)  # resume must not depend on the RNG state it finds
     resumed = tiny_model(seed=7)  # weights come from the checkpoint
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # same settings: no "changed settings" warning
-        summary = train(resumed, quiet(**cfg, resume=True), Shuffled(), noisy_sft_loss, tmp_path / "resumed")
+        summary = train(resumed, quiet(**cfg, resume=True), make_source(), noisy_sft_loss, tmp_path / "resumed")
     assert summary["resumed_from"] == 4 and summary["steps"] == 8
     steps = [r["step"] for r in read_jsonl(tmp_path / "resumed/metrics.jsonl")]
     assert steps == list(range(1, 9))  # the crashed run's step 5 was dropped, then logged again
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "resumed/tb"))
     events.Reload()  # TensorBoard shows each step once too: the crashed attempt's step 5 is purged
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
         (k, pytest.approx(v)) for k, v in sorted(losses(tmp_path / "straight").items())]
-    for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
-        assert torch.equal(p, q), name
 
 
 SIGTERM_SCRIPT = """

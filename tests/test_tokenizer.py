@@ -145,7 +145,8 @@ def test_template_environment_matches_transformers(tiny_tokenizer):
     tok = Tokenizer(tiny_tokenizer.backend, eos_token="<|im_end|>", bos_token="<|im_start|>",
                     chat_template="{{ bos_token }}{% for m in messages %}{% if m['role'] == 'tool' %}"
                                   "{{ raise_exception('no tools') }}{% endif %}{{ m['content'] | trim }}"
-                                  "{{ eos_token }}{% endfor %}{{ {'k': 'é'} | tojson }}")
+                                  "{% generation %}{{ eos_token }}{% endgeneration %}{% endfor %}"
+                                  "{{ {'k': 'é'} | tojson }}")
     ids, trainable = tok.render_chat([{"role": "assistant", "content": "  padded  "}])
     assert tok.decode(ids, skip_special=False) == '<|im_start|>padded<|im_end|>{"k": "é"}'  # trimmed like HF
     assert tok.decode([i for i, t in zip(ids, trainable) if t], skip_special=False) == "padded<|im_end|>"
@@ -169,3 +170,15 @@ def test_add_special_tokens(tiny_tokenizer):
 def test_unknown_name(hf_cache):
     with pytest.raises(ValueError, match="unknown model 'nope'.*Presets:.*gpt2"):
         load_tokenizer("nope")
+
+
+def test_load_tokenizer_from_hub_cache_and_run_dir(tiny_model_dir, tiny_tokenizer, hf_cache, tmp_path):
+    hf_cache.add("tiny-org/chat", tiny_model_dir)
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    tiny_tokenizer.save(run / "model")
+    (run / "model" / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    for name in ("tiny-org/chat", str(tiny_model_dir), str(run)):
+        tok = load_tokenizer(name)
+        assert tok.render_chat(CHAT) == tiny_tokenizer.render_chat(CHAT), name
+        assert (tok.eos_id, tok.pad_id) == (258, 256)

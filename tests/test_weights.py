@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 import torch
 import transformers
 
+from posttrain.models.llama import rope_frequencies
 from posttrain.models.registry import PRESETS
 from posttrain.models.resize import resize_token_embeddings
 from posttrain.weights import export_command, load, load_model, save_pretrained
@@ -174,55 +176,89 @@ def test_run_directory_and_export_command(tiny_llama, tiny_tokenizer, tmp_path):
 
 # -- GGUF ---------------------------------------------------------------------------------------------
 
+_GGUF_NAMES = {
+    "gpt2": ("transformer.h.", {"transformer.wte": "token_embd", "transformer.wpe": "position_embd",
+                                "transformer.ln_f": "output_norm", "lm_head": "output"},
+             {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+              "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}),
+    "llama": ("model.layers.", {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"},
+              {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+               "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}),
+}
+
+
 def _write_gguf(model, path: Path) -> None:
-    """Write a native Llama as llama.cpp's converter would (F32, q/k rows permuted)."""
+    """Write a native model as llama.cpp's converter would: F32, llama.cpp tensor names, Llama's q/k rows
+    permuted, GPT-2's projections in (out, in) layout; a minimal tokenizer so transformers reads it."""
     import gguf
 
-    c = model.config
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(c.num_hidden_layers)
-    writer.add_context_length(c.max_position_embeddings)
+    c, arch = model.config, model.config.model_type
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(c.num_layers)
+    writer.add_context_length(c.max_length)
     writer.add_embedding_length(c.hidden_size)
-    writer.add_feed_forward_length(c.intermediate_size)
-    writer.add_head_count(c.num_attention_heads)
-    writer.add_head_count_kv(c.num_key_value_heads)
-    writer.add_rope_freq_base(c.rope_theta)
-    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    writer.add_rope_dimension_count(c.head_dim)
-    writer.add_eos_token_id(c.eos_token_id)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    writer.add_head_count(c.n_head if arch == "gpt2" else c.num_attention_heads)
+    if arch == "gpt2":
+        writer.add_feed_forward_length(4 * c.n_embd)
+        writer.add_layer_norm_eps(c.layer_norm_epsilon)
+    else:
+        writer.add_feed_forward_length(c.intermediate_size)
+        writer.add_head_count_kv(c.num_key_value_heads)
+        writer.add_rope_freq_base(c.rope_theta)
+        writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"t{i}" for i in range(c.vocab_size)])
+    writer.add_token_types([1] * c.vocab_size)
+    writer.add_token_merges(["t 0"])
+    writer.add_eos_token_id(0)
+    prefix, global_names, layer_names = _GGUF_NAMES["gpt2" if arch == "gpt2" else "llama"]
+    tied = model.lm_head.weight is (model.transformer.wte if arch == "gpt2" else model.model.embed_tokens).weight
     for key, tensor in model.state_dict().items():
-        if key == "lm_head.weight" and c.tie_word_embeddings:
+        if key == "lm_head.weight" and tied:
             continue
-        if key.startswith("model.layers."):
-            _, _, n, *rest = key.split(".")
-            name = f"blk.{n}.{layer['.'.join(rest[:-1])]}.{rest[-1]}"
+        base, kind = key.rsplit(".", 1)
+        if base.startswith(prefix):
+            n, rest = base[len(prefix):].split(".", 1)
+            name = f"blk.{n}.{layer_names[rest]}.{kind}"
         else:
-            name = names[key]
+            name = f"{global_names[base]}.{kind}"
         data = tensor.numpy().astype(np.float32)
-        if ".attn_q." in name:
+        if arch == "llama" and ".attn_q." in name:
             data = permute(data, c.num_attention_heads)
-        elif ".attn_k." in name:
+        elif arch == "llama" and ".attn_k." in name:
             data = permute(data, c.num_key_value_heads)
         writer.add_tensor(name, data)
+    if getattr(c, "rope_scaling", None):  # Llama 3.1+: per-frequency divisors, as llama.cpp writes them
+        divisors = rope_frequencies(replace(c, rope_scaling=None)) / rope_frequencies(c)
+        writer.add_tensor("rope_freqs.weight", divisors.numpy().astype(np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_gguf_round_trip_undoes_llama_cpp_permutation(make_tiny_model, tmp_path, tied):
-    model = make_tiny_model("llama", tie_word_embeddings=tied)
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("kind,overrides", [("llama", {}), ("llama", {"tie_word_embeddings": False}),
+                                            ("qwen2", {}), ("gpt2", {"n_positions": 1024}),
+                                            ("llama3", {"rope_scaling": LLAMA3_SCALING})])
+def test_gguf_matches_source_and_transformers(make_tiny_model, tmp_path, kind, overrides):
+    """The llama.cpp layout (names, q/k permutation, GPT-2 transposes) undone, as transformers does."""
+    model = make_tiny_model(kind, **overrides)  # (transformers reads GPT-2's context length as n_ctx: keep 1024)
     _write_gguf(model, tmp_path / "tiny.gguf")
     loaded = load_model(str(tmp_path / "tiny.gguf"))
-    assert loaded.config.tie_word_embeddings is tied and loaded.config.num_key_value_heads == 2
+    assert loaded.config.to_hf()["tie_word_embeddings"] == model.config.to_hf()["tie_word_embeddings"]
+    assert loaded.config.model_type == model.config.model_type
     with torch.no_grad():
         assert (loaded(_ids()) - model(_ids())).abs().max().item() <= 1e-6
+    if kind == "llama3":  # transformers' GGUF loader ignores rope_freqs: compare the recovered scaling instead
+        assert loaded.config.rope_scaling == LLAMA3_SCALING
+        return
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf").eval()
+    assert _max_diff(loaded, hf, _ids()) <= TOL
 
 
 # -- real weights, offline -------------------------------------------------------------------------------
@@ -352,3 +388,17 @@ def test_resize_token_embeddings(make_tiny_model, kind):
     with torch.no_grad():
         assert torch.allclose(model(ids)[..., :320], before, atol=1e-6)  # old tokens unchanged
     assert resize_token_embeddings(model, 300) == 384  # never shrinks
+
+
+def test_directory_without_weights(hf_dirs, tmp_path):
+    _, directory = hf_dirs["llama"]
+    (tmp_path / "config.json").write_text((directory / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors weights in .*never pickle"):
+        load_model(str(tmp_path))
+
+
+def test_tiny_model_dir_fixture_loads(tiny_model_dir, tiny_tokenizer):
+    model, tokenizer = load(str(tiny_model_dir))
+    assert type(model).__name__ == "Llama" and model.config.vocab_size == 320
+    assert tokenizer.render_chat([{"role": "user", "content": "hi"}]) == \
+        tiny_tokenizer.render_chat([{"role": "user", "content": "hi"}])

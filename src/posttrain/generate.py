@@ -310,8 +310,8 @@ class BatchGeneration:
     """Generate continuations of several prompts in one batch.
 
     Iterate it to run the decoding loop; it yields (row, text piece) whenever a streamed row
-    (`stream`: True for all rows, or one flag per row) has new text that is safe to show. `results` holds one Generation per prompt once the
-    iteration is exhausted (`run()` does both). `cancel(row)` drops a row at the next step (e.g.
+    (`stream`: True for all rows, or one flag per row) has new text that is safe to show.
+    `results` holds one Generation per prompt once the iteration is exhausted (`run()` does both). `cancel(row)` drops a row at the next step (e.g.
     a client that hung up). The model runs in eval mode under torch.inference_mode; its training
     flag is restored at the end.
     """
@@ -360,14 +360,18 @@ class BatchGeneration:
 
     def _decode(self) -> Iterator[tuple[int, str]]:
         model, rows = self.model, self.rows
+        if not rows:
+            self.results = []
+            return
         device = next(model.parameters()).device
         generators = [_generator(c.seed, device) for c in self.configs]
         lengths = [len(p) for p in self.prompts]
         width = max(lengths)
         steps = max(r.budget for r in rows)
         with torch.inference_mode():
-            pad = self.tokenizer.pad_id
-            input_ids = torch.tensor([[pad] * (width - n) + p for n, p in zip(lengths, self.prompts)], device=device)
+            # pad slots are masked out of every real token's attention, so their token is irrelevant:
+            # id 0 exists in every vocabulary (a pad id may not, before the embeddings are resized)
+            input_ids = torch.tensor([[0] * (width - n) + p for n, p in zip(lengths, self.prompts)], device=device)
             n_pad = torch.tensor([width - n for n in lengths], device=device)[:, None]
             slot = torch.arange(width, device=device)[None]
             document_ids = torch.where(slot < n_pad, -1, 0)  # pads: their own document, never attended to
@@ -388,7 +392,7 @@ class BatchGeneration:
                     index = torch.tensor(keep, device=device)
                     cache.keep_rows(index)
                     tokens, positions = tokens[index], positions[index]
-                finished = [i for b, i in enumerate(active) if b not in set(keep)]
+                finished = [i for i in active if rows[i].finish_reason is not None]
                 active = [active[b] for b in keep]
                 if active:
                     logits = _last_logits(model, tokens[:, None], positions[:, None], None, cache)

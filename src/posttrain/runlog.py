@@ -82,12 +82,13 @@ class RunLog:
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imported late: it loads tensorboard
-            self.tb = SummaryWriter(str(self.run_dir / TB_DIR), purge_step=start_step + 1)
+            self.tb = SummaryWriter(str(self.run_dir / TB_DIR), purge_step=start_step + 1, flush_secs=10)
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=not progress, desc=self.run_dir.name)
 
     def log(self, row: dict) -> None:
-        """One JSON line (flushed at once, so a crash loses nothing logged) and its scalars in TensorBoard."""
+        """One JSON line (written at once: a crash loses nothing logged) and its scalars in TensorBoard
+        (flushed every 10 s and on close)."""
         row = _plain(row)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -97,7 +98,6 @@ class RunLog:
                     continue
                 tag = f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
                 self.tb.add_scalar(tag, value, row["step"])
-            self.tb.flush()
 
     def samples(self, step: int, rows: list[dict]) -> None:
         with open(self.samples_path, "a") as f:

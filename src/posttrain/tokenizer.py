@@ -52,7 +52,8 @@ class Tokenizer:
             i for i in (self._markup.token_to_id(t) for t in stop_tokens) if i is not None and i != self.eos_id]
         self.chat_template: str | None = chat_template
         if add_bos is None:  # e.g. Llama 3: tokenizer.json's post-processor prepends <|begin_of_text|>
-            add_bos = self.bos_id is not None and self._markup.encode("", add_special_tokens=True).ids[:1] == [self.bos_id]
+            first = self._markup.encode("", add_special_tokens=True).ids[:1]
+            add_bos = self.bos_id is not None and first == [self.bos_id]
         self.add_bos: bool = bool(add_bos)
         self._compiled = None  # (source, jinja template) cache
 
@@ -317,7 +318,7 @@ def load_tokenizer(name_or_path: str) -> Tokenizer:
     """Tokenizer for a preset alias, hub id, local Hugging Face directory, run directory or .gguf file."""
     from posttrain.weights.hub import resolve
 
-    source = resolve(name_or_path)
+    source = resolve(name_or_path, weights=False)
     if source.kind == "gguf":
         return Tokenizer.from_gguf(source.path)
     return Tokenizer.from_dir(source.path)

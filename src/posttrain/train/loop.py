@@ -12,8 +12,9 @@ micro-batch's activations are alive at a time.
 
 Batch sources: anything with `len()` (micro-batches per epoch) and `epoch(epoch, start)` (that
 epoch's micro-batches from index `start` on, in an order fixed by the epoch: resume depends on it;
-`posttrain.data.batching.BatchLoader` is one), or a plain list of batches (same order every epoch). A batch is a dict of tensors, e.g.
-`input_ids`, `targets` (-100 = not trained), `position_ids`, `document_ids`.
+`posttrain.data.batching.BatchLoader` is one), or a plain list of batches (same order every
+epoch). A batch is a dict of tensors: `input_ids`, `targets` (-100 = not trained), `position_ids`,
+`document_ids` for SFT; whatever its loss function reads for other tasks.
 """
 
 from __future__ import annotations
@@ -59,10 +60,10 @@ class TrainConfig:
     max_steps: int | None = None         # when set, train exactly this many steps (epochs ignored)
     grad_accum: int = 1                  # micro-batches per optimizer step
     max_grad_norm: float = 1.0           # 0: no clipping (the norm is still logged)
-    precision: str = "auto"              # auto (bf16-mixed on a bf16 GPU, else fp32) | bf16-mixed | bf16-true | fp16 | fp32
+    precision: str = "auto"              # bf16-mixed | bf16-true | fp16 | fp32 | auto (bf16 GPU: bf16-mixed)
     compile: bool | str = False          # torch.compile each transformer block; a str names the backend
     eval_every: int = 0                  # steps between evaluations (val loss + samples); 0: at the end only
-    log_every: int = 1
+    log_every: int = 10                  # steps between metrics.jsonl rows (evaluation steps always log)
     save_every: int = 0                  # steps between "last" checkpoints; 0: at the end (and on a signal)
     seed: int = 0
     resume: bool = False                 # continue from <run_dir>/checkpoints/last when it exists
@@ -249,7 +250,7 @@ def train(model: nn.Module, config: TrainConfig, train_data, loss_fn: LossFn, ru
         raise ValueError(f"best_mode must be 'min' or 'max', not {cfg.best_mode!r}")
     run_dir = ensure_writable_dir(run_dir)  # fail now, not after an hour of training
     last_dir, best_dir = run_dir / "checkpoints" / "last", run_dir / "checkpoints" / "best"
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else torch.device(cfg.device)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     precision = _resolve_precision(cfg.precision, device)
     autocast = _autocast(precision, device)
     source = as_batch_source(train_data)

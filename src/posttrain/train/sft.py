@@ -67,8 +67,10 @@ def demo_train_config() -> TrainConfig:
 def sft(model: str = OFFLINE_DEFAULT, data: DataConfig = DataConfig(), train: TrainConfig = TrainConfig(),
         samples: SampleConfig = SampleConfig(), run_dir: str | None = None, runs: str = "runs",
         name: str | None = None) -> dict:
-    """Instruction fine-tuning. With no arguments: the offline demo (SmolLM2-135M-Instruct on posttrain's
-    embedded instruction set, exact match on its held-out split before and after).
+    """Instruction fine-tuning (SFT); with no arguments, the offline demo.
+
+    The demo fine-tunes SmolLM2-135M-Instruct on posttrain's embedded instruction set and reports exact
+    match on its held-out split before and after training.
 
     Args:
         model: preset alias, hub id, local Hugging Face directory, .gguf file or run directory.
@@ -145,7 +147,7 @@ def save_model(model, tokenizer, style: PromptStyle, path: Path) -> None:
 
 def sample_messages(sft_data: SFTData, n: int) -> list[list[dict]]:
     """The first n validation conversations, cut before their final assistant reply."""
-    conversations = (sft_data.val_messages or [])[:n]
+    conversations = (getattr(sft_data, 'val_messages', None) or [])[:n]
     return [c[:-1] if c and c[-1]["role"] == "assistant" else c for c in conversations]
 
 

