@@ -115,13 +115,13 @@ def chat_command(model: str, system: str | None = None, temperature: float = 0.7
         top_k: sample among the k most likely tokens only.
         max_new_tokens: longest reply, in tokens.
         seed: random seed (a repeatable session).
-        style: prompt style (alpaca, chatml, phi3, llama2, template, plain); default: the
-            tokenizer's chat template.
+        style: prompt style (alpaca, chatml, phi3, llama2, template, plain); default: the style a
+            posttrain run trained the model with, else the tokenizer's chat template.
         device: cuda, cpu, ... (default: cuda when available).
         dtype: float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU).
     """
     net, tokenizer = load_for_inference(model, device, dtype)
-    prompt_style = resolve_style(style, tokenizer)
+    prompt_style = resolve_style(style, tokenizer, model)
     if prompt_style is None and getattr(tokenizer, "chat_template", None) is None:
         raise SystemExit(f"{model}: the tokenizer has no chat template; pick a prompt style with --style "
                          "(alpaca, chatml, phi3, llama2, plain)")

@@ -12,13 +12,17 @@ with it.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Protocol
 
 import torch
 import torch.nn as nn
+
+STYLE_FILE = "posttrain.json"  # beside a model saved by a training run: {"prompt_style": name}
 
 
 @dataclass
@@ -474,8 +478,23 @@ def load_for_inference(model: str, device: str | None = None, dtype: str | None 
     return net.eval(), tokenizer
 
 
-def resolve_style(style: str | None, tokenizer) -> PromptStyle | None:
-    """A prompt style by name (posttrain.prompts), or None for the tokenizer's chat template."""
+def saved_style(model: str) -> str | None:
+    """The prompt style a posttrain run trained `model` with (its posttrain.json), or None.
+
+    `model` may be the saved model directory or the run directory that holds it in model/.
+    """
+    path = Path(str(model)).expanduser()
+    for candidate in (path / STYLE_FILE, path / "model" / STYLE_FILE):
+        if candidate.is_file():
+            return json.loads(candidate.read_text()).get("prompt_style")
+    return None
+
+
+def resolve_style(style: str | None, tokenizer, model: str | None = None) -> PromptStyle | None:
+    """A prompt style by name (posttrain.prompts); with no name, the style `model` was trained with
+    (a run's posttrain.json), else None for the tokenizer's chat template."""
+    if style is None and model is not None:
+        style = saved_style(model)  # a model tuned on alpaca prompts answers alpaca prompts
     if style is None:
         return None
     from posttrain.prompts import get_style
@@ -502,14 +521,14 @@ def generate_command(model: str, prompt: str, max_new_tokens: int = 256, tempera
         chat: wrap the prompt as a user message (the model's chat template, or --style).
         system: system message for --chat.
         style: prompt style for --chat (alpaca, chatml, phi3, llama2, template, plain); default: the
-            tokenizer's chat template.
+            style a posttrain run trained the model with, else the tokenizer's chat template.
         device: cuda, cpu, ... (default: cuda when available).
         dtype: float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU).
     """
     net, tokenizer = load_for_inference(model, device, dtype)
     stop_strings, stop_ids = list(stop or []), []
     if chat:
-        prompt_style = resolve_style(style, tokenizer)
+        prompt_style = resolve_style(style, tokenizer, model)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         ids = render_prompt(tokenizer, messages, prompt_style)
         reply_strings, stop_ids = reply_stops(tokenizer, prompt_style)

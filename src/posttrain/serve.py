@@ -566,7 +566,8 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, api_key
         max_batch: most completions decoded together in one batch.
         name: the model name clients pass as `model` (default: the MODEL argument as given).
         style: prompt style for chat messages (alpaca, chatml, phi3, llama2, template, plain);
-            default: the tokenizer's chat template.
+            default: the style a posttrain run trained the model with, else the tokenizer's chat
+            template.
         device: cuda, cpu, ... (default: cuda when available).
         dtype: float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU).
         max_body_bytes: largest request body accepted (bigger ones get 413).
@@ -583,7 +584,7 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, api_key
         print(f"warning: serving on {host} without an API key; anyone who can reach this port can use it "
               "(set --api_key_env)", flush=True)
     net, tokenizer = load_for_inference(model, device, dtype)
-    app = create_app(net, tokenizer, name or model, api_key=api_key, style=resolve_style(style, tokenizer),
+    app = create_app(net, tokenizer, name or model, api_key=api_key, style=resolve_style(style, tokenizer, model),
                      max_tokens_limit=max_tokens_limit, max_batch=max_batch, max_body_bytes=max_body_bytes)
     print(f"serving {name or model} at http://{host}:{port}/v1", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info")

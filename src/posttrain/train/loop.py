@@ -63,6 +63,7 @@ class TrainConfig:
     precision: str = "auto"              # bf16-mixed | bf16-true | fp16 | fp32 | auto (bf16 GPU: bf16-mixed)
     compile: bool | str = False          # torch.compile each transformer block; a str names the backend
     eval_every: int = 0                  # steps between evaluations (val loss + samples); 0: at the end only
+    eval_on_start: bool = False          # also evaluate before the first step (a step-0 row: the baseline)
     log_every: int = 10                  # steps between metrics.jsonl rows (evaluation steps always log)
     save_every: int = 0                  # steps between "last" checkpoints; 0: at the end (and on a signal)
     seed: int = 0
@@ -296,14 +297,14 @@ def train(model: nn.Module, config: TrainConfig, train_data, loss_fn: LossFn, ru
     def save_last() -> Path:
         return save_checkpoint(last_dir, model, state(), optimizer, scheduler, scaler)
 
-    def run_eval(step: int) -> dict:
+    def run_eval(step: int, track_best: bool = True) -> dict:
         val = evaluate(model, val_source, loss_fn, device, autocast) if val_source is not None else {}
         if sample_fn is not None:
             model.eval()
             with torch.no_grad():
                 log.samples(step, sample_fn(model, step))
             model.train()
-        if val:
+        if val and track_best:
             if cfg.best_metric not in val:
                 raise KeyError(f"best_metric {cfg.best_metric!r} is not among the validation metrics {sorted(val)}")
             value = val[cfg.best_metric]
@@ -313,6 +314,11 @@ def train(model: nn.Module, config: TrainConfig, train_data, loss_fn: LossFn, ru
         return val
 
     log = RunLog(run_dir, total_steps, pos["step"], cfg.tensorboard, cfg.progress)
+    if cfg.eval_on_start and pos["step"] == 0 and (val_source is not None or sample_fn is not None):
+        # The untrained model's metrics as step 0: the baseline every later evaluation is read against.
+        # Not a "best" candidate: checkpoints/best holds trained weights only.
+        log.log({"step": 0, "epoch": 0.0, "tokens_seen": 0, **run_eval(0, track_best=False)})
+        plot_run(run_dir)
     model.train()
     started, step_loss, val, evaluated_at = time.perf_counter(), float("nan"), {}, -1
     start_step, start_tokens = pos["step"], pos["tokens_seen"]

@@ -9,27 +9,26 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from posttrain.data.batching import BatchLoader
+from posttrain.data.batching import MODES, BatchLoader
 from posttrain.data.demo import exact_match
 from posttrain.data.formats import records_to_messages
 from posttrain.data.sources import load_records
-from posttrain.data.tokenize import SFTData, prepare_sft_data
-from posttrain.generate import GenerationConfig, generate_text
+from posttrain.data.tokenize import OVERLONG, SFTData, prepare_sft_data
+from posttrain.generate import STYLE_FILE, GenerationConfig, generate_text
 from posttrain.models.registry import OFFLINE_DEFAULT
-from posttrain.prompts import PromptStyle, resize_model_for_tokenizer
-from posttrain.runlog import write_config
+from posttrain.prompts import LOSS_MODES, STYLES, PromptStyle, resize_model_for_tokenizer
+from posttrain.runlog import METRICS_FILE, write_config
 from posttrain.train.loop import TrainConfig, train
 from posttrain.train.losses import sft_loss
 from posttrain.weights import load, save_pretrained
-from posttrain.weights.checkpoint import atomic_write
+from posttrain.weights.checkpoint import atomic_write, ensure_writable_dir, resolve_checkpoint
 
 DEMO_DATA = "demo"
-STYLE_FILE = "posttrain.json"  # beside a saved model: the prompt style generation and serve use
 
 
 @dataclass
@@ -92,7 +91,14 @@ def run_sft(model: str, data: DataConfig, train_config: TrainConfig, samples: Sa
     if demo:
         samples = SampleConfig(**{**asdict(samples), "exact_match": True})
     run_dir = Path(run_dir) if run_dir else Path(runs) / (name or f"sft-{Path(model).name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    # Mistakes that need no model to find are reported before minutes of loading and tokenizing.
+    check_choices(data)
+    check_run_dir(run_dir, train_config.resume)
     net, tokenizer = load(model)
+    context = net.config.max_length
+    if data.max_length > context:  # longer rows would index past the model's positions
+        print(f"data.max_length {data.max_length} is longer than the model's context; using {context}")
+        data = replace(data, max_length=context)
     sft_data = prepare_sft_data(data.path, tokenizer, data.style, data.loss_on, data.max_length, data.val_path,
                                 data.test_path, tuple(data.split), data.shuffle, data.seed, data.skip_invalid,
                                 data.overlong, data.mix_path, data.mix_ratio, cache=data.cache)
@@ -131,6 +137,27 @@ def run_sft(model: str, data: DataConfig, train_config: TrainConfig, samples: Sa
     atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     print(f"run: {run_dir}  (plots: {run_dir / 'plots'}, model: {run_dir / 'model'})")
     return summary
+
+
+def check_choices(data: DataConfig) -> None:
+    """Raise ValueError naming the allowed values when a data option is not one of them."""
+    choices = {"style": (*STYLES, "auto"), "batching": MODES, "loss_on": LOSS_MODES, "overlong": OVERLONG}
+    for key, allowed in choices.items():
+        value = getattr(data, key)
+        if value not in allowed:
+            raise ValueError(f"data.{key} {value!r} is unknown; choose one of: {', '.join(allowed)}")
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """The run directory takes writes and holds no earlier run (unless resuming it).
+
+    Checked before config.yaml is written, so a refused run leaves an earlier run's files as they were.
+    """
+    ensure_writable_dir(run_dir)
+    if not resume and ((run_dir / METRICS_FILE).exists()
+                       or resolve_checkpoint(run_dir / "checkpoints" / "last") is not None):
+        raise FileExistsError(f"{run_dir} already holds a run (metrics.jsonl or checkpoints/last); pass "
+                              f"--train.resume true to continue it, or choose another --run_dir / --name")
 
 
 def demo_heldout() -> list[dict]:
