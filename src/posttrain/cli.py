@@ -21,14 +21,22 @@ def commands() -> dict:
     from posttrain.data.inspect import inspect_command
     from posttrain.eval.commands import eval_commands
     from posttrain.generate import generate_command
+    from posttrain.predict import predict_command
     from posttrain.report_html import report_command
     from posttrain.serve import serve_command
+    from posttrain.synth.preferences import synth_preferences
+    from posttrain.train.classify import classify
+    from posttrain.train.dpo import dpo
     from posttrain.train.sft import sft
     from posttrain.weights.export import export_command
 
     return {
         "sft": sft,
+        "dpo": dpo,
+        "classify": classify,
+        "predict": predict_command,
         "data": {"inspect": inspect_command},
+        "synth": {"preferences": synth_preferences},
         "generate": generate_command,
         "chat": chat_command,
         "serve": serve_command,

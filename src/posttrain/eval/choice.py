@@ -204,7 +204,7 @@ def _rate(name: str, hits: Sequence[bool]) -> dict:
     return {name: p, f"{name}_stderr": stderr}
 
 
-def choice_command(model: str, data: str, split: str = "validation", name: str | None = None,
+def choice_command(model: str, data: str | None = None, split: str = "validation", name: str | None = None,
                    out: str | None = None, limit: int | None = None, batch_size: int = 16,
                    delimiter: str = " ", device: str | None = None, dtype: str | None = None) -> dict:
     """Score a multiple-choice task by log-likelihood: acc and length-normalised acc_norm.
@@ -225,6 +225,8 @@ def choice_command(model: str, data: str, split: str = "validation", name: str |
     from posttrain.eval.responses import eval_dir, write_jsonl
     from posttrain.generate import load_for_inference
 
+    if not data:
+        raise ValueError("pass --data: a local JSON/JSONL file of items, or a hub dataset id (e.g. Rowan/hellaswag)")
     items = load_items(data, split, limit)
     name = name or re.sub(r"[^\w.\-]+", "-", Path(data).stem if Path(data).suffix else data.split("/")[-1])
     out_path = Path(out) if out else eval_dir(model) / f"choice-{name}.json"

@@ -58,10 +58,10 @@ def parse_tasks(tasks: str | list[str]) -> list[str]:
     return names
 
 
-def harness_command(model: str, tasks: str, out: str | None = None, num_fewshot: int | None = None,
+def harness_command(model: str, tasks: str = "hellaswag", out: str | None = None, num_fewshot: int | None = None,
                     batch_size: int = 8, limit: float | None = None, device: str | None = None,
                     dtype: str | None = None, include_path: str | None = None,
-                    apply_chat_template: bool = False, seed: int = 0) -> dict:
+                    apply_chat_template: bool = False, builtin_tasks: bool = True, seed: int = 0) -> dict:
     """Run lm-evaluation-harness tasks (HellaSwag, ARC, MMLU, ...) on a model through its hf backend.
 
     Args:
@@ -76,6 +76,7 @@ def harness_command(model: str, tasks: str, out: str | None = None, num_fewshot:
         dtype: float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU).
         include_path: folder of extra task YAML files (tasks of your own over local data).
         apply_chat_template: wrap prompts in the model's chat template.
+        builtin_tasks: index lm-eval's own tasks too (about 15 s); false: only --include_path's.
         seed: lm-eval's random seeds.
     """
     require_lm_eval()
@@ -92,7 +93,9 @@ def harness_command(model: str, tasks: str, out: str | None = None, num_fewshot:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    task_manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    if not builtin_tasks and not include_path:
+        raise ValueError("--builtin_tasks false leaves no tasks: pass --include_path DIR with your task YAML")
+    task_manager = TaskManager(include_path=include_path, include_defaults=builtin_tasks)
     unknown = [t for t in task_names if t not in task_manager.all_tasks]
     if unknown:
         raise ValueError(f"lm-eval knows no task {', '.join(map(repr, unknown))}; see `lm-eval ls tasks`, or pass "

@@ -28,16 +28,16 @@ import math
 import os
 import re
 import statistics
-import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
+from posttrain.synth.endpoint import ChatEndpoint, EndpointError, normalize_base_url
 from posttrain.weights.checkpoint import atomic_write
 
 SEED_PROMPT = (
@@ -74,140 +74,91 @@ ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
                    "Write a response that appropriately completes the request.")
 
 
-class EndpointError(ValueError):
-    """An endpoint that cannot be used (down, wrong model, wrong key, not OpenAI-compatible)."""
-
-
 # -- the client ----------------------------------------------------------------------------------
+# Requests go through posttrain.synth.endpoint.ChatEndpoint (timeouts, retries of connection errors,
+# 429 and 5xx with backoff, the key from an environment variable). The judge adds a check before
+# any work (the server answers and serves the model) and drops the seed when a server refuses it.
 
-def chat_url(base_url: str) -> str:
-    """The API root for a URL given as http://host:port, .../v1 or .../v1/chat/completions."""
-    url = base_url.rstrip("/")
-    if url.endswith("/chat/completions"):
-        url = url[: -len("/chat/completions")]
-    if not re.match(r"^https?://", url):
-        raise EndpointError(f"endpoint {base_url!r} is not an http(s) URL (e.g. http://127.0.0.1:8000/v1)")
-    if httpx.URL(url).path in ("", "/"):
-        url += "/v1"  # the OpenAI layout every compatible server follows
-    return url
-
-
-def _server_message(response: httpx.Response) -> str:
-    """The error message in an OpenAI-shaped error body, else the start of the body."""
+def _error_message(response: httpx.Response) -> str:
+    """The message of an OpenAI-shaped error body, else the start of the body."""
     try:
-        body = response.json()
-        error = body.get("error") if isinstance(body, dict) else None
+        error = response.json().get("error")
         if isinstance(error, dict) and error.get("message"):
             return str(error["message"])
-        if isinstance(error, str):
-            return error
-        if isinstance(body, dict) and body.get("detail"):
-            return str(body["detail"])
-    except ValueError:
+    except (ValueError, AttributeError):
         pass
     return response.text[:300]
 
 
-class ChatEndpoint:
-    """A small OpenAI-compatible chat client: bounded retries with backoff, timeouts, an API key
-    from an environment variable. Thread-safe: one instance serves a pool of worker threads."""
+def chat_url(base_url: str) -> str:
+    """The API root for a URL given as http://host:port, .../v1 or .../v1/chat/completions."""
+    url = base_url.strip().rstrip("/")
+    if url.endswith("/chat/completions"):
+        url = url[: -len("/chat/completions")]
+    return normalize_base_url(url)
 
-    def __init__(self, base_url: str, model: str, api_key_env: str | None = None, timeout: float = 120.0,
-                 retries: int = 3, backoff: float = 1.0):
-        self.base_url, self.model = chat_url(base_url), model
-        self.retries, self.backoff = retries, backoff
-        headers = {}
-        if api_key_env:
-            key = os.environ.get(api_key_env)
-            if not key:
-                raise EndpointError(f"--api_key_env {api_key_env}: that environment variable is unset or empty; "
-                                    f"export {api_key_env}=<key> first")
-            headers["Authorization"] = f"Bearer {key}"
-        self.client = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)), headers=headers)
+
+class JudgeClient:
+    """A chat endpoint as the judge uses it. Thread-safe: worker threads share one instance."""
+
+    def __init__(self, base_url: str, model: str | None, api_key_env: str | None = None, timeout: float = 120.0,
+                 retries: int = 3, backoff: float = 0.5):
+        self.endpoint = ChatEndpoint(chat_url(base_url), model or "", api_key_env, timeout=timeout,
+                                     max_retries=retries, backoff=backoff)
+        self.base_url = self.endpoint.base_url
         self.send_seed = True  # cleared when the server refuses the parameter
-        self._lock = threading.Lock()
 
-    def close(self) -> None:
-        self.client.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+    @property
+    def model(self) -> str:
+        return self.endpoint.model
 
     def _down(self, error: Exception) -> EndpointError:
         return EndpointError(f"cannot reach {self.base_url} ({type(error).__name__}: {error or 'no answer'}); "
                              "is the server running and is the URL right? (e.g. `posttrain serve MODEL --port "
                              "8000` -> http://127.0.0.1:8000/v1, Ollama -> http://127.0.0.1:11434/v1)")
 
-    def check(self) -> None:
-        """Fail early, before any work: the server answers, and serves `model` when it lists models."""
+    def models(self) -> list[str] | None:
+        """The model ids the server lists at /models; None when it has no such list."""
         try:
-            response = self.client.get(self.base_url + "/models")
+            response = httpx.get(self.base_url + "/models", headers=self.endpoint.headers,
+                                 timeout=min(self.endpoint.timeout, 30.0))
         except httpx.TransportError as e:
             raise self._down(e) from None
         if response.status_code in (401, 403):
             raise EndpointError(f"{self.base_url}: the API key was refused ({response.status_code}: "
-                                f"{_server_message(response)}); pass --api_key_env NAME_OF_THE_VARIABLE")
-        if response.status_code != 200:
-            return  # some servers have no /models; the first chat request will tell
+                                f"{_error_message(response)}); pass --api_key_env NAME_OF_THE_VARIABLE",
+                                response.status_code)
         try:
-            listed = [m.get("id") for m in response.json().get("data", []) if isinstance(m, dict)]
-        except (ValueError, AttributeError):
-            return
-        if listed and self.model not in listed:
-            shown = ", ".join(map(str, listed[:20])) + (" ..." if len(listed) > 20 else "")
-            raise EndpointError(f"model {self.model!r} is not served by {self.base_url}; it serves: {shown}")
+            data = response.json().get("data") if response.status_code == 200 else None
+            return [str(m["id"]) for m in data] if isinstance(data, list) else None
+        except (ValueError, AttributeError, KeyError, TypeError):
+            return None
 
-    def chat(self, messages: list[dict], temperature: float = 0.0, max_tokens: int | None = None,
-             seed: int | None = None, **extra) -> str:
-        """The text of the first choice of one chat completion."""
-        body = {"model": self.model, "messages": messages, "temperature": temperature, **extra}
-        if max_tokens is not None:
-            body["max_tokens"] = max_tokens
-        last: Exception | None = None
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            if seed is not None and self.send_seed:
-                body["seed"] = seed
-            else:
-                body.pop("seed", None)
-            try:
-                response = self.client.post(self.base_url + "/chat/completions", json=body)
-            except httpx.TransportError as e:  # refused, reset, timed out: maybe a restart; try again
-                last = self._down(e)
-                continue
-            status = response.status_code
-            if status == 400 and "seed" in body and "seed" in _server_message(response).lower():
-                with self._lock:
-                    self.send_seed = False  # "where the server accepts one"
-                last = EndpointError(f"{self.base_url} refused the seed parameter")
-                continue
-            if status == 429 or status >= 500:
-                last = EndpointError(f"{self.base_url} answered {status}: {_server_message(response)}")
-                continue
-            if status == 404:
-                raise EndpointError(f"{self.base_url}: 404 for model {self.model!r}: {_server_message(response)}; "
-                                    "check --model (and that the URL is the API root, e.g. .../v1)")
-            if status in (401, 403):
-                raise EndpointError(f"{self.base_url}: the API key was refused ({status}: "
-                                    f"{_server_message(response)}); pass --api_key_env NAME_OF_THE_VARIABLE")
-            if status != 200:
-                raise EndpointError(f"{self.base_url} refused the request ({status}): {_server_message(response)}")
-            try:
-                content = response.json()["choices"][0]["message"]["content"]
-                if content is None:
-                    content = ""
-                if not isinstance(content, str):
-                    raise TypeError(f"content is {type(content).__name__}")
-                return content
-            except (ValueError, KeyError, IndexError, TypeError) as e:
-                last = EndpointError(f"{self.base_url} answered something that is not an OpenAI chat completion "
-                                     f"({type(e).__name__}: {e}); body starts: {response.text[:200]!r}")
-                continue
-        raise last
+    def check(self) -> None:
+        """Fail early, before any work: the server answers, and serves the model when it lists models."""
+        listed = self.models()
+        if listed and self.model not in listed:
+            shown = ", ".join(listed[:20]) + (" ..." if len(listed) > 20 else "")
+            raise EndpointError(f"model {self.model!r} is not served by {self.base_url}; it serves: {shown}", 404)
+
+    def only_model(self) -> str:
+        """The model a server lists when it lists exactly one (posttrain serve, a one-model vLLM)."""
+        listed = self.models() or []
+        if len(listed) != 1:
+            shown = f"; it serves: {', '.join(listed[:20])}" if listed else ""
+            raise EndpointError(f"pass --model: {self.base_url} does not name a single model{shown}")
+        self.endpoint.model = listed[0]
+        return listed[0]
+
+    def chat(self, messages: list[dict], max_tokens: int | None, seed: int | None) -> str:
+        """The reply's text at temperature 0, with `seed` unless the server refused seeds before."""
+        try:
+            return self.endpoint.chat(messages, 0.0, seed if self.send_seed else None, max_tokens).text
+        except EndpointError as e:
+            if e.status == 400 and seed is not None and self.send_seed and "seed" in str(e).lower():
+                self.send_seed = False  # "a fixed seed where the server accepts one"
+                return self.endpoint.chat(messages, 0.0, None, max_tokens).text
+            raise
 
 
 # -- prompts and scores --------------------------------------------------------------------------
@@ -230,8 +181,7 @@ class JudgePrompt:
         return re.sub(r"\{(" + "|".join(PLACEHOLDERS) + r")\}", lambda m: values[m.group(1)], self.template)
 
     def reminder(self) -> str:
-        return (f"That reply could not be read as a score. Respond with one integer from {self.low} to "
-                f"{self.high} only, nothing else.")
+        return f"Reply with one integer from {self.low} to {self.high} only."
 
 
 def load_prompt(prompt: str = "seed", scale: tuple[int, int] | None = None) -> JudgePrompt:
@@ -291,13 +241,13 @@ def parse_score(text: str, low: int, high: int) -> int | None:
 
 # -- judging -------------------------------------------------------------------------------------
 
-def judge_one(endpoint: ChatEndpoint, prompt: JudgePrompt, row: dict, retries: int = 2, seed: int | None = 0,
+def judge_one(client: JudgeClient, prompt: JudgePrompt, row: dict, retries: int = 2, seed: int | None = 0,
               max_tokens: int | None = 32) -> dict:
     """Score one responses row: ask, and on an unparseable answer ask again (up to `retries` times)."""
     messages = [{"role": "user", "content": prompt.render(row)}]
     answers = []
     for _ in range(retries + 1):
-        answer = endpoint.chat(messages, temperature=0.0, max_tokens=max_tokens, seed=seed)
+        answer = client.chat(messages, max_tokens, seed)
         answers.append(answer)
         score = parse_score(answer, prompt.low, prompt.high)
         if score is not None:
@@ -306,7 +256,7 @@ def judge_one(endpoint: ChatEndpoint, prompt: JudgePrompt, row: dict, retries: i
     return {"score": None, "status": "unparseable", "attempts": len(answers), "answers": answers}
 
 
-def read_judged(path: Path, judge_model: str, prompt: JudgePrompt) -> dict[int, dict]:
+def read_judged(path: Path, judge_model: str | None, prompt: JudgePrompt) -> dict[int, dict]:
     """Rows already judged in `path` (by index). A torn last line (a killed run) is dropped and the
     file rewritten without it; rows from another judge or prompt are an error, not mixed in."""
     if not path.is_file():
@@ -324,7 +274,7 @@ def read_judged(path: Path, judge_model: str, prompt: JudgePrompt) -> dict[int, 
                 torn = True  # the writer died mid-line: that item is judged again
                 continue
             raise ValueError(f"{path}:{line_no}: not valid JSON; fix or delete that line, then run again") from None
-        if row.get("judge") != judge_model or row.get("prompt_id") != prompt.fingerprint:
+        if (judge_model is not None and row.get("judge") != judge_model) or row.get("prompt_id") != prompt.fingerprint:
             raise ValueError(f"{path} holds scores from judge {row.get('judge')!r} with prompt id "
                              f"{row.get('prompt_id')!r}, not {judge_model!r} / {prompt.fingerprint!r}; choose "
                              "another --out, or delete that file to start over")
@@ -391,7 +341,8 @@ def judge_paths(responses: Path, out: str | None) -> tuple[Path, Path, Path]:
     return scores, scores.with_suffix(".json"), scores.with_suffix(".png")
 
 
-def judge_command(responses: str, endpoint: str, model: str, prompt: str = "seed",
+def judge_command(responses: str, endpoint: str = "http://127.0.0.1:8000/v1", model: str | None = None,
+                  prompt: str = "seed",
                   scale: tuple[int, int] | None = None, out: str | None = None, api_key_env: str | None = None,
                   concurrency: int = 4, retries: int = 2, seed: int | None = 0, max_tokens: int | None = 32,
                   timeout: float = 120.0, request_retries: int = 3, limit: int | None = None,
@@ -404,7 +355,8 @@ def judge_command(responses: str, endpoint: str, model: str, prompt: str = "seed
         endpoint: API root of the server, e.g. http://127.0.0.1:8000/v1 (posttrain serve),
             http://127.0.0.1:11434/v1 (Ollama), http://127.0.0.1:1234/v1 (LM Studio), or
             https://api.openai.com/v1.
-        model: model name the server knows (as in its /v1/models).
+        model: model name the server knows (as in its /v1/models); default: the one model the
+            server lists, when it lists exactly one.
         prompt: seed (0-100, rasbt's prompt), rubric (1-5), or a prompt template file.
         scale: lowest and highest score for a prompt file, e.g. [1, 10] (default 0-100).
         out: per-item scores JSONL (default: judge-SPLIT.jsonl beside the responses); its summary
@@ -415,7 +367,7 @@ def judge_command(responses: str, endpoint: str, model: str, prompt: str = "seed
         seed: seed sent with every request (dropped if the server refuses it); null to send none.
         max_tokens: most tokens of a judge's answer.
         timeout: seconds to wait for one answer.
-        request_retries: retries of a failed request (connection errors, 429, 5xx, malformed replies).
+        request_retries: retries of a failed request (connection errors, timeouts, 429, 5xx).
         limit: judge only the first N responses.
         progress: show a progress bar.
     """
@@ -437,18 +389,22 @@ def judge_command(responses: str, endpoint: str, model: str, prompt: str = "seed
     for row in rows:  # a template error shows before any request is sent
         judge_prompt.render(row)
     scores_path, summary_path, png_path = judge_paths(responses_path, out)
-    done = read_judged(scores_path, model, judge_prompt)
+    if model is None:  # which model judged a resumed file is in its rows
+        model = next((r.get("judge") for r in read_judged(scores_path, None, judge_prompt).values()), None)
+    done = read_judged(scores_path, model, judge_prompt) if model else {}
     todo = [r for r in rows if int(r["index"]) not in done]
     print(f"judging {len(todo)} of {len(rows)} responses with {model} at {endpoint}"
           + (f" ({len(rows) - len(todo)} already in {scores_path})" if len(todo) < len(rows) else ""))
 
     if todo:
-        with ChatEndpoint(endpoint, model, api_key_env, timeout, request_retries) as client:
-            client.check()
-            scores_path.parent.mkdir(parents=True, exist_ok=True)
-            _judge_all(client, judge_prompt, todo, scores_path, model, concurrency, retries, seed, max_tokens,
-                       tqdm(total=len(todo), unit="item", disable=not progress, desc="judge"))
-            done = read_judged(scores_path, model, judge_prompt)
+        client = JudgeClient(endpoint, model, api_key_env, timeout, request_retries)
+        if model is None:
+            model = client.only_model()
+        client.check()
+        scores_path.parent.mkdir(parents=True, exist_ok=True)
+        _judge_all(client, judge_prompt, todo, scores_path, model, concurrency, retries, seed, max_tokens,
+                   tqdm(total=len(todo), unit="item", disable=not progress, desc="judge"))
+        done = read_judged(scores_path, model, judge_prompt)
 
     judged = [done[int(r["index"])] for r in rows if int(r["index"]) in done]
     scores = [r["score"] for r in judged if r.get("score") is not None]
@@ -465,7 +421,7 @@ def judge_command(responses: str, endpoint: str, model: str, prompt: str = "seed
     return summary
 
 
-def _judge_all(client: ChatEndpoint, prompt: JudgePrompt, rows: list[dict], path: Path, judge_model: str,
+def _judge_all(client: JudgeClient, prompt: JudgePrompt, rows: list[dict], path: Path, judge_model: str,
                concurrency: int, retries: int, seed: int | None, max_tokens: int | None, bar) -> None:
     """Judge rows on a bounded pool; append each result to `path` the moment it is known.
 
@@ -493,7 +449,7 @@ def _judge_all(client: ChatEndpoint, prompt: JudgePrompt, rows: list[dict], path
 
         try:
             while pending and error is None:
-                finished, _ = wait(pending, return_when=FIRST_EXCEPTION)
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
                     save(future)
         finally:  # an error or Ctrl-C: send nothing new, keep what the requests in flight bring back

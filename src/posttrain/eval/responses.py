@@ -82,19 +82,41 @@ def load_examples(data: str, split: str = "test", fractions: Sequence[float] = (
     return examples
 
 
-def generate_responses(model: nn.Module, tokenizer, style, examples: Sequence[EvalExample],
-                       config: GenerationConfig, batch_size: int = 16, progress: bool = True) -> list[dict]:
-    """One responses row per example, in the examples' order.
+def generate_sorted(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], config: GenerationConfig,
+                    batch_size: int = 16, seeds: Sequence[int] | None = None, progress: bool = False) -> list:
+    """Generations (posttrain.generate.Generation) for many prompts, in their order.
 
     Prompts are sorted by length before batching (less left padding, and the longest batch comes
-    first, so running out of memory happens at once). With sampling, example i draws from seed + i
-    whatever batch it lands in, so the file does not depend on batch_size.
+    first, so running out of memory happens at once); inside a batch, finished rows leave the KV
+    cache. With sampling, prompt i draws from seeds[i] whatever batch it lands in.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     from dataclasses import replace
 
     from tqdm.auto import tqdm
+
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    results: dict[int, object] = {}
+    bar = tqdm(total=len(prompts), unit="resp", disable=not progress, desc="eval generate")
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        configs = [config if seeds is None else replace(config, seed=seeds[i]) for i in batch]
+        for i, g in zip(batch, generate_batch(model, tokenizer, [prompts[i] for i in batch], configs)):
+            results[i] = g
+        bar.update(len(batch))
+    bar.close()
+    return [results[i] for i in range(len(prompts))]
+
+
+def generate_responses(model: nn.Module, tokenizer, style, examples: Sequence[EvalExample],
+                       config: GenerationConfig, batch_size: int = 16, progress: bool = True) -> list[dict]:
+    """One responses row per example, in the examples' order (batched by `generate_sorted`).
+
+    The style's end-of-turn strings and ids stop a response, besides EOS. With sampling, example i
+    draws from seed + i, so the file does not depend on batch_size.
+    """
+    from dataclasses import replace
 
     prompts = [style.render(e.messages, add_generation_prompt=True)[0] for e in examples]
     context = model.config.max_length
@@ -104,19 +126,11 @@ def generate_responses(model: nn.Module, tokenizer, style, examples: Sequence[Ev
                              f"{context}; drop it from the data or evaluate a model with a longer context")
     stop_strings = list(dict.fromkeys(config.stop_strings + list(style.stop_strings)))
     stop_ids = list(dict.fromkeys(config.stop_ids + list(style.stop_ids)))
-    base = replace(config, stop_strings=stop_strings, stop_ids=stop_ids)
-    order = sorted(range(len(examples)), key=lambda i: -len(prompts[i]))
-    results: dict[int, dict] = {}
-    bar = tqdm(total=len(examples), unit="resp", disable=not progress, desc="eval generate")
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        configs = [base if base.seed is None else replace(base, seed=base.seed + examples[i].index) for i in batch]
-        for i, g in zip(batch, generate_batch(model, tokenizer, [prompts[i] for i in batch], configs)):
-            results[i] = {**examples[i].fields(), "response": g.text, "finish_reason": g.finish_reason,
-                          "prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens}
-        bar.update(len(batch))
-    bar.close()
-    return [results[i] for i in range(len(examples))]
+    config = replace(config, stop_strings=stop_strings, stop_ids=stop_ids)
+    seeds = None if config.seed is None else [config.seed + e.index for e in examples]
+    generations = generate_sorted(model, tokenizer, prompts, config, batch_size, seeds, progress)
+    return [{**e.fields(), "response": g.text, "finish_reason": g.finish_reason, "prompt_tokens": g.prompt_tokens,
+             "completion_tokens": g.completion_tokens} for e, g in zip(examples, generations)]
 
 
 def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
