@@ -60,7 +60,6 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -69,7 +68,7 @@ from posttrain.data.preferences import PairLoader, PreferencePairs, tokenize_pai
 from posttrain.models.gpt2 import GPT2, GPT2Config
 from posttrain.prompts import get_style
 from posttrain.tokenizer import gpt2_tokenizer_from_files
-from posttrain.train.dpo import PreferenceLossConfig, preference_loss_fn, reference_logps, sequence_logps
+from posttrain.train.dpo import PreferenceLossConfig, preference_loss_fn, reference_logps
 from posttrain.train.loop import _autocast, _compile_blocks, _resolve_precision, forward_backward
 from posttrain.train.losses import count_units
 from posttrain.train.optim import build_optimizer, param_groups

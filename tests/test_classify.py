@@ -65,7 +65,8 @@ def quick_train(**overrides) -> TrainConfig:
                                                "tensorboard": False, "device": "cpu", **overrides})
 
 
-def train_tiny_run(tokenizer, tmp: Path, kind: str = "gpt2", n: int = 200, epochs: int = 2, **data) -> tuple[Path, dict]:
+def train_tiny_run(tokenizer, tmp: Path, kind: str = "gpt2", n: int = 200, epochs: int = 2, **data
+                   ) -> tuple[Path, dict]:
     model_dir = save_tiny(kind, tokenizer, tmp / f"tiny-{kind}")
     path = write_jsonl(tmp / "data.jsonl", separable_records(n))
     run = tmp / "run"
@@ -237,7 +238,8 @@ def test_cli_runs_a_config_file(tiny_tokenizer, tmp_path, capsys):
     assert summary["steps"] == 3 and summary["labels"] == ["neg", "pos"]
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["data"]["text_column"] == "body" and saved["head"]["last_k"] == 2 and saved["train"]["lr"] == 3e-3
-    assert saved["train"]["weight_decay"] == 0.1 and saved["train"]["best_metric"] == "val_accuracy"  # classify defaults
+    # the classify defaults, not TrainConfig's
+    assert saved["train"]["weight_decay"] == 0.1 and saved["train"]["best_metric"] == "val_accuracy"
 
 
 def test_cli_reports_a_bad_label_naming_the_row(tiny_tokenizer, tmp_path, capsys):

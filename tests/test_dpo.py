@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 
 from posttrain import cli
@@ -28,7 +27,6 @@ from posttrain.train.dpo import (PreferenceDataConfig, PreferenceLossConfig, Pre
                                  cached_reference_logps, dpo, model_fingerprint, preference_loss_fn, reference_logps,
                                  sequence_logps)
 from posttrain.train.loop import TrainConfig, evaluate
-from posttrain.train.preference_losses import sigmoid_dpo
 from posttrain.weights import load, save_pretrained
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"

@@ -10,7 +10,6 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import torch
 
 from posttrain.synth.endpoint import ChatEndpoint, EndpointError, normalize_base_url
 

@@ -141,7 +141,9 @@ def test_last_pooling_under_left_padding_equals_last_nonpad(make_tiny_model):
     texts = [np.arange(1, 8), np.arange(3, 6)]
     batch = collate(texts, pad_id=256, padding_side="left")
     with torch.no_grad():
-        torch.testing.assert_close(classifier_logits(model, batch, "last"), classifier_logits(model, batch, "last-nonpad"))
+        torch.testing.assert_close(classifier_logits(model, batch, "last"),
+                                   classifier_logits(model, batch, "last-nonpad"))
         right = collate(texts, pad_id=256, padding_side="right")
         # with right padding `last` reads a pad slot for the short row: not the text's last token
-        assert not torch.allclose(classifier_logits(model, right, "last")[1], classifier_logits(model, right, "last-nonpad")[1])
+        last, last_real = classifier_logits(model, right, "last"), classifier_logits(model, right, "last-nonpad")
+        assert not torch.allclose(last[1], last_real[1])

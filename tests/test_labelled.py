@@ -161,7 +161,8 @@ def test_every_url_failing_says_what_to_do(server, tmp_path):
 
 def test_named_dataset_downloads_balances_and_splits(server):
     (server.root / "mirror" / "sms+spam+collection.zip").write_bytes(uci_zip(synthetic_raw_lines(60, 20)))
-    urls = [f"{server.url}/static/public/228/sms+spam+collection.zip", f"{server.url}/mirror/sms%2Bspam%2Bcollection.zip"]
+    urls = [f"{server.url}/static/public/228/sms+spam+collection.zip",
+            f"{server.url}/mirror/sms%2Bspam%2Bcollection.zip"]
     data = load_labelled("sms-spam", urls=urls)
     assert data.labels == ["ham", "spam"] and data.report["labels_in_file"] == {"ham": 60, "spam": 20}
     # undersampled to 20 + 20, split 70/10/20 after a seeded shuffle
@@ -205,7 +206,8 @@ def test_split_sizes_and_groups():
     train, val, test = split_examples(items, (0.7, 0.1, 0.2), seed=0, groups=groups)
     assert (len(train), len(val), len(test)) == (28, 4, 8)
     for part in (train, val, test):
-        assert {i // 2 for i in part} & {i // 2 for other in (train, val, test) if other is not part for i in other} == set()
+        others = {i // 2 for other in (train, val, test) if other is not part for i in other}
+        assert {i // 2 for i in part} & others == set()
     with pytest.raises(ValueError, match="summing to 1"):
         split_examples(items, (0.7, 0.2, 0.2))
 
@@ -280,7 +282,8 @@ def test_missing_text_names_the_row(tmp_path):
     jsonl.write_text('{"text": "a", "label": "x"}\n{"text": null, "label": "y"}\n')
     with pytest.raises(DataError, match=r"d\.jsonl: record 1, line 2: the text \('text'\) is missing"):
         load_labelled(str(jsonl))
-    with pytest.raises(DataError, match=r"record 0, line 1: no text column 'review'; the record has \['label', 'text'\]"):
+    with pytest.raises(DataError, match=r"record 0, line 1: no text column 'review'; the record has "
+                                        r"\['label', 'text'\]"):
         load_labelled(str(jsonl), text_column="review")
     no_label = tmp_path / "n.jsonl"
     no_label.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": ""}\n')
@@ -291,7 +294,8 @@ def test_missing_text_names_the_row(tmp_path):
 def test_a_single_class_is_an_error(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("text,label\na,ham\nb,ham\nc,ham\n")
-    with pytest.raises(DataError, match=r"d\.csv has only the label 'ham': a classifier needs examples of at least two"):
+    with pytest.raises(DataError, match=r"d\.csv has only the label 'ham': a classifier needs examples of at "
+                                        r"least two"):
         load_labelled(str(path))
 
 

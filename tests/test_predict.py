@@ -5,7 +5,6 @@ AutoModelForSequenceClassification with the same logits, and mistakes get clear 
 import csv
 import json
 
-import numpy as np
 import pytest
 import torch
 

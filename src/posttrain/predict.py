@@ -33,10 +33,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from posttrain.data.labelled import _label_text, read_labelled_records
+from posttrain.data.labelled import label_text, read_labelled_records
 from posttrain.data.sources import DataError
 from posttrain.eval.classification_metrics import classification_report, format_confusion
-from posttrain.models.gpt2 import GPT2Config
 from posttrain.models.heads import add_classification_head
 from posttrain.train.classify import ClassificationBatches, predict_logits, tokenize_texts
 from posttrain.weights.checkpoint import atomic_write
@@ -149,7 +148,8 @@ class Classifier:
         directory = classifier_dir(path)
         model, meta = load_classifier_model(directory, dtype, device)
         keys = ("pooling", "max_length", "padding_side", "text_column", "label_column")
-        return cls(model, Tokenizer.from_dir(directory), list(meta["labels"]), **{k: meta[k] for k in keys if k in meta})
+        settings = {k: meta[k] for k in keys if k in meta}
+        return cls(model, Tokenizer.from_dir(directory), list(meta["labels"]), **settings)
 
     @property
     def device(self) -> torch.device:
@@ -272,7 +272,7 @@ def predict_command(run: str, text: str | None = None, input: str | None = None,
         for r, p in zip(rows, predictions):
             print(json.dumps({**r, "prediction": p["label"], "probabilities": p["probabilities"]},
                              ensure_ascii=False, default=str))
-    gold = [_label_text(r.get(clf.label_column)) for r in rows]
+    gold = [label_text(r.get(clf.label_column)) for r in rows]
     if all(g in clf.labels for g in gold):
         index = {n: i for i, n in enumerate(clf.labels)}
         report = classification_report([index[g] for g in gold], [index[p["label"]] for p in predictions],

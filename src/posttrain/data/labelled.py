@@ -189,7 +189,7 @@ def fetch_sms_spam(urls: Sequence[str] = SMS_SPAM_URLS, cache: str | Path | None
 # ----------------------------------------------------------------------------------------------
 # Records -> examples
 
-def _label_text(value) -> str | None:
+def label_text(value) -> str | None:
     """A label cell as a name: "spam", 1 -> "1", 1.0 -> "1", True -> "true"; None when missing."""
     if value is None:
         return None
@@ -222,7 +222,7 @@ def records_to_raw(records: list[Record], text_column: str = "text", label_colum
                             f"text. Fix or remove the row")
         label = None
         if label_column is not None:
-            label = _label_text(_column(r, label_column, "label"))
+            label = label_text(_column(r, label_column, "label"))
             if label is None:
                 raise DataError(f"{r.where()}: the label ({label_column!r}) is missing; fix or remove the row")
         group = None

@@ -223,6 +223,7 @@ def eval_generate(run: str, data: str | None = None, split: str = "test", out: s
     tokens = sum(r["completion_tokens"] for r in rows)
     summary = {"model": str(run), "data": str(data), "split": split, "examples": len(rows),
                "style": prompt_style.name, "generation": asdict(gen_config), "batch_size": batch_size,
+               "style_stops": {"strings": list(prompt_style.stop_strings), "ids": list(prompt_style.stop_ids)},
                "metrics": metrics, "seconds": seconds, "responses_per_s": len(rows) / seconds,
                "tokens_per_s": tokens / seconds, "responses": str(responses_path)}
     atomic_write(metrics_path, json.dumps(summary, indent=2))

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import time
 from collections import Counter, deque
@@ -78,7 +77,8 @@ class SynthReport:
         if self.identical:
             parts.append(f"{self.identical} with chosen == rejected")
         if self.skipped_invalid:
-            parts.append("skipped invalid input records: " + ", ".join(f"{k} {v}" for k, v in self.skipped_invalid.items()))
+            parts.append("skipped invalid input records: "
+                         + ", ".join(f"{k} {v}" for k, v in self.skipped_invalid.items()))
         parts.append(f"{self.requests} requests in {self.seconds:.1f} s")
         return "; ".join(parts)
 
@@ -234,9 +234,9 @@ async def _synthesize(endpoint: ChatEndpoint, todo: list[tuple[int, dict, list[d
                         row["error"] = errors[0]
                     failures.write(row)
                     if report.failed["bad_request"] >= BAD_REQUEST_LIMIT and report.written == 0:
+                        last = errors[0] if errors else "-"
                         raise EndpointError(f"the first {BAD_REQUEST_LIMIT} records were all refused as bad requests "
-                                            f"(HTTP 400), so every request probably is; the last: {errors[0] if errors else '-'}",
-                                            400)
+                                            f"(HTTP 400), so every request probably is; the last: {last}", 400)
                 else:
                     row = {**fields, "chosen": chosen.text.strip(), "rejected": rejected.text.strip(), INDEX_KEY: index}
                     writer.write(row)

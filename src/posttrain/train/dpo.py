@@ -178,26 +178,31 @@ def pairs_fingerprint(pairs: PreferencePairs) -> str:
     return h.hexdigest()
 
 
-def reference_cache_key(model: nn.Module, pairs: PreferencePairs, style: str, max_length: int, precision: str,
+def reference_cache_key(model: nn.Module | str, pairs: PreferencePairs, style: str, max_length: int, precision: str,
                         device_type: str) -> str:
-    key = {"v": REFERENCE_CACHE_VERSION, "model": model_fingerprint(model), "data": pairs_fingerprint(pairs),
+    """The cache file name: a hash of the model's weights (or its fingerprint), the tokenized pairs, the
+    prompt style, max length, precision and device type (numerics differ slightly between them)."""
+    model = model if isinstance(model, str) else model_fingerprint(model)
+    key = {"v": REFERENCE_CACHE_VERSION, "model": model, "data": pairs_fingerprint(pairs),
            "style": style, "max_length": max_length, "precision": precision, "device": device_type}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def cached_reference_logps(model: nn.Module, loader: PairLoader, style: str, max_length: int,
-                           device: torch.device, precision: str = "fp32",
-                           cache: str | Path | bool | None = True) -> tuple[torch.Tensor, Path | None, bool]:
+                           device: torch.device, precision: str = "fp32", cache: str | Path | bool | None = True,
+                           fingerprint: str | None = None) -> tuple[torch.Tensor, Path | None, bool]:
     """The reference log-probs of every pair in `loader`, from the disk cache or computed now and stored.
 
     Returns (logps (N, 2), cache file or None, whether it was read from the cache). `cache`: True
     (posttrain's cache folder, reference_logps/), a folder, or False/None (compute, store nothing).
+    `fingerprint`: model_fingerprint(model) when the caller has it (hashing 135M weights takes a second).
     """
     folder = None if cache is None or cache is False else (cache_dir("reference_logps") if cache is True
                                                              else Path(cache))
     path = None
     if folder is not None:
-        path = folder / f"{reference_cache_key(model, loader.pairs, style, max_length, precision, device.type)}.safetensors"
+        key = reference_cache_key(fingerprint or model, loader.pairs, style, max_length, precision, device.type)
+        path = folder / f"{key}.safetensors"
         if path.is_file():
             from safetensors.torch import load_file
             try:
@@ -337,7 +342,8 @@ def run_dpo(model: str, data: PreferenceDataConfig, loss: PreferenceLossConfig, 
     from posttrain.train.sft import answer, check_run_dir, save_model
     from posttrain.weights import load
 
-    run_dir = Path(run_dir) if run_dir else Path(runs) / (name or f"dpo-{Path(model).name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    name = name or f"dpo-{Path(model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(run_dir) if run_dir else Path(runs) / name
     # Mistakes that need no model to find are reported before minutes of loading and tokenizing.
     check_dpo_choices(data, loss, reference)
     check_run_dir(run_dir, train_config.resume)
@@ -375,11 +381,12 @@ def run_dpo(model: str, data: PreferenceDataConfig, loss: PreferenceLossConfig, 
             if precision == "bf16-true":  # the loop trains in bf16 weights: score the reference the same way
                 ref.to(torch.bfloat16)
             started = time.perf_counter()
+            fingerprint = model_fingerprint(ref) if data.cache else None
             for split, loader in (("train", train_batches), ("val", val_batches)):
                 if loader is None:
                     continue
                 logps, path, hit = cached_reference_logps(ref, loader, style.name, data.max_length, device, precision,
-                                                          data.cache)
+                                                          data.cache, fingerprint)
                 loader.reference_logps = logps
                 reference_report[f"{split}_cache"] = str(path) if path else None
                 reference_report[f"{split}_cache_hit"] = hit
@@ -396,7 +403,8 @@ def run_dpo(model: str, data: PreferenceDataConfig, loss: PreferenceLossConfig, 
 
     write_config(run_dir, {"task": "dpo", "model": model, "data": {**asdict(data), "style": style.name},
                            "loss": asdict(loss), "reference": asdict(reference), "train": asdict(train_config),
-                           "samples": asdict(samples), "data_report": prefs.report, "reference_report": reference_report})
+                           "samples": asdict(samples), "data_report": prefs.report,
+                           "reference_report": reference_report})
     sample_pairs = prefs.val if prefs.val is not None else prefs.train
     sample_prompts = sample_pairs.prompts[:samples.prompts]
     sample_refs = sample_pairs.references[:samples.prompts]
