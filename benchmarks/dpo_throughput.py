@@ -29,7 +29,8 @@ One JSON line per (size, mode, reference), timed over the steps after WARMUP:
 Env: SIZES=124M,355M (or tiny: 2 layers, 64 dims, for a CPU smoke run), MODES=padding,packed,
 REFERENCE=memory,cached, N_PAIRS=2000, BATCH=8, MAX_LENGTH=1024, STEPS (default: one epoch),
 WARMUP=5 (always leaves at least one timed step), COMPILE=0|1, PRECISION=auto (bf16-mixed on CUDA,
-fp32 on CPU), DEVICE=auto.
+fp32 on CPU), DEVICE=auto, PAD_MULTIPLE (round row lengths up to a multiple: with COMPILE=1 or
+FlexAttention (packed rows on CUDA), fewer distinct shapes mean fewer recompilations; try 128).
 
 CPU smoke check (repository root):
     SIZES=tiny N_PAIRS=40 STEPS=3 WARMUP=1 python benchmarks/dpo_throughput.py
@@ -125,7 +126,8 @@ def run(size: str, mode: str, reference: str, pairs: PreferencePairs, pad_id: in
     compile_blocks = os.environ.get("COMPILE", "0") not in ("", "0", "false")
     precision = _resolve_precision(os.environ.get("PRECISION", "auto"), device)
     autocast = _autocast(precision, device)
-    loader = PairLoader(pairs, mode, batch_size, max_length, pad_id, shuffle=True, seed=0)
+    loader = PairLoader(pairs, mode, batch_size, max_length, pad_id, shuffle=True, seed=0,
+                        pad_to_multiple_of=env_int("PAD_MULTIPLE", None))
     order = loader.batch_order(0)
     total = min(env_int("STEPS", len(order)), len(order))
     warmup = min(env_int("WARMUP", 5), total - 1)

@@ -198,6 +198,11 @@ def test_one_forward_pass_equals_each_sequence_alone(mode, pairs, tiny_tokenizer
             assert sums[k].item() == pytest.approx(alone_logps(model, ids, mask), abs=1e-4)
             assert n[k].item() == int(mask[1:].sum())
     assert batch["pair_ids"].tolist() == idx
+    # rows rounded up to a multiple (for compiled kernels) hold more pads and the same log-probs
+    rounded = collate_pairs(pairs, idx, tiny_tokenizer.pad_id, mode, row_capacity=128, pad_to_multiple_of=16)
+    assert rounded["input_ids"].shape[1] % 16 == 0 and rounded["input_ids"].shape[1] >= batch["input_ids"].shape[1]
+    with torch.no_grad():
+        assert torch.allclose(sequence_logps(model, rounded)[0], sums, atol=1e-4)
 
 
 def test_loss_function_matches_hand_computation(pairs, tiny_tokenizer):

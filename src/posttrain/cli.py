@@ -21,6 +21,7 @@ def commands() -> dict:
     from posttrain.data.inspect import inspect_command
     from posttrain.eval.commands import eval_commands
     from posttrain.generate import generate_command
+    from posttrain.lora import merge_command
     from posttrain.predict import predict_command
     from posttrain.report_html import report_command
     from posttrain.serve import serve_command
@@ -41,6 +42,7 @@ def commands() -> dict:
         "chat": chat_command,
         "serve": serve_command,
         "export": export_command,
+        "merge": merge_command,
         "eval": eval_commands(),
         "report": report_command,
     }

@@ -259,11 +259,13 @@ def prepare_preference_data(data: str, tokenizer, style: str | PromptStyle = "al
 # Batching
 
 def collate_pairs(pairs: PreferencePairs, idx: Sequence[int], pad_id: int, mode: str = "padding",
-                  row_capacity: int | None = None, reference_logps: torch.Tensor | None = None) -> dict:
+                  row_capacity: int | None = None, reference_logps: torch.Tensor | None = None,
+                  pad_to_multiple_of: int | None = None) -> dict:
     """One batch holding both sequences of the pairs `idx` (see the module doc for the layout).
 
     packed: pairs go whole (chosen, then rejected) into rows of `row_capacity` tokens (default:
-    the longest pair) by best-fit decreasing; a row is as long as its fullest row.
+    the longest pair) by best-fit decreasing. Rows are as long as the fullest one, rounded up to
+    `pad_to_multiple_of` when given (fewer distinct shapes for compiled kernels).
     """
     if mode not in PAIR_MODES:
         raise ValueError(f"preference batching must be one of {PAIR_MODES}, got {mode!r}")
@@ -277,6 +279,8 @@ def collate_pairs(pairs: PreferencePairs, idx: Sequence[int], pad_id: int, mode:
         bins = pack_best_fit(sizes, max(row_capacity or 0, max(sizes)))
         rows = [[k for j in members for k in (j, P + j)] for members in bins]
     R, T = len(rows), max(sum(len(seqs[k][0]) for k in row) for row in rows)
+    if pad_to_multiple_of:
+        T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = np.full((R, T), pad_id, dtype=np.int64)
     targets = np.full((R, T), IGNORE_INDEX, dtype=np.int64)
     sequence_ids = np.full((R, T), -1, dtype=np.int64)
@@ -313,12 +317,12 @@ class PairLoader:
 
     `reference_logps` ((N, 2) summed log-probs of each pair's chosen and rejected response under
     the reference model) is attached to every batch once set. rank/world_size: each rank takes every
-    world_size-th batch.
+    world_size-th batch. pad_to_multiple_of: round row lengths up (see collate_pairs).
     """
 
     def __init__(self, pairs: PreferencePairs, mode: str = "padding", batch_size: int = 8, max_length: int = 1024,
                  pad_id: int = 0, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, pad_to_multiple_of: int | None = None):
         if mode not in PAIR_MODES:
             raise ValueError(f"preference batching must be one of {PAIR_MODES}, got {mode!r}")
         if batch_size < 1 or not 0 <= rank < world_size:
@@ -327,7 +331,7 @@ class PairLoader:
             raise ValueError("no preference pairs to batch")
         self.pairs, self.mode, self.batch_size, self.max_length = pairs, mode, batch_size, max_length
         self.pad_id, self.shuffle, self.seed, self.drop_last = pad_id, shuffle, seed, drop_last
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.pad_to_multiple_of = rank, world_size, pad_to_multiple_of
         self.reference_logps: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -353,7 +357,8 @@ class PairLoader:
 
     def collate(self, idx) -> dict:
         # Packed rows hold up to two max-length sequences: a pair never has to be split.
-        return collate_pairs(self.pairs, idx, self.pad_id, self.mode, 2 * self.max_length, self.reference_logps)
+        return collate_pairs(self.pairs, idx, self.pad_id, self.mode, 2 * self.max_length, self.reference_logps,
+                             self.pad_to_multiple_of)
 
     @property
     def stats(self) -> dict:

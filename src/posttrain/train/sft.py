@@ -20,6 +20,8 @@ from posttrain.data.formats import records_to_messages
 from posttrain.data.sources import load_records
 from posttrain.data.tokenize import OVERLONG, SFTData, prepare_sft_data
 from posttrain.generate import STYLE_FILE, GenerationConfig, generate_text
+from posttrain.lora import (LoraConfig, apply_lora, check_lora, format_counts, is_lora_model, save_adapter,
+                            trainable_parameters)
 from posttrain.models.registry import OFFLINE_DEFAULT
 from posttrain.prompts import LOSS_MODES, STYLES, PromptStyle, resize_model_for_tokenizer
 from posttrain.runlog import METRICS_FILE, write_config
@@ -59,13 +61,21 @@ class SampleConfig:
     exact_match: bool = False        # exact match on the held-out split before and after training
 
 
-def demo_train_config() -> TrainConfig:
-    return TrainConfig(lr=1e-4, weight_decay=0.0, warmup_steps=5, schedule="cosine", epochs=1, eval_every=20)
+# The demo's own settings, for every option the user left at its general default: short exact
+# answers need a higher learning rate and far fewer new tokens than open-ended instructions.
+DEMO_TRAIN = {"lr": 1e-4, "warmup_steps": 5, "schedule": "cosine", "epochs": 1, "eval_every": 25}
+DEMO_SAMPLES = {"max_new_tokens": 16, "exact_match": True}
+
+
+def with_defaults(config, overrides: dict):
+    """`config` with `overrides` applied to the fields still at their class default."""
+    default = type(config)()
+    return replace(config, **{k: v for k, v in overrides.items() if getattr(config, k) == getattr(default, k)})
 
 
 def sft(model: str = OFFLINE_DEFAULT, data: DataConfig = DataConfig(), train: TrainConfig = TrainConfig(),
-        samples: SampleConfig = SampleConfig(), run_dir: str | None = None, runs: str = "runs",
-        name: str | None = None) -> dict:
+        samples: SampleConfig = SampleConfig(), lora: LoraConfig = LoraConfig(), run_dir: str | None = None,
+        runs: str = "runs", name: str | None = None) -> dict:
     """Instruction fine-tuning (SFT); with no arguments, the offline demo.
 
     The demo fine-tunes SmolLM2-135M-Instruct on posttrain's embedded instruction set and reports exact
@@ -76,23 +86,25 @@ def sft(model: str = OFFLINE_DEFAULT, data: DataConfig = DataConfig(), train: Tr
         data: dataset, prompt style, loss masking and batching.
         train: optimizer, schedule, precision, accumulation, evaluation and checkpoints.
         samples: sample generations at each evaluation; exact match before/after.
+        lora: LoRA / rsLoRA / DoRA adapters (lora.r > 0; QLoRA: lora.quantize nf4, CUDA); the run's
+            model/ then holds the adapter (posttrain merge RUN OUT writes the merged model).
         run_dir: where the run is written (default: RUNS/NAME).
         runs: folder of runs.
         name: run name (default: sft-<model>-<time>).
     """
-    return run_sft(model, data, train, samples, run_dir, runs, name)
+    return run_sft(model, data, train, samples, run_dir, runs, name, lora)
 
 
 def run_sft(model: str, data: DataConfig, train_config: TrainConfig, samples: SampleConfig,
-            run_dir: str | None, runs: str = "runs", name: str | None = None) -> dict:
+            run_dir: str | None, runs: str = "runs", name: str | None = None,
+            lora: LoraConfig = LoraConfig()) -> dict:
     demo = data.path == DEMO_DATA
-    if demo and train_config == TrainConfig():
-        train_config = demo_train_config()
     if demo:
-        samples = SampleConfig(**{**asdict(samples), "exact_match": True})
+        train_config, samples = with_defaults(train_config, DEMO_TRAIN), with_defaults(samples, DEMO_SAMPLES)
     run_dir = Path(run_dir) if run_dir else Path(runs) / (name or f"sft-{Path(model).name}-{time.strftime('%Y%m%d-%H%M%S')}")
     # Mistakes that need no model to find are reported before minutes of loading and tokenizing.
     check_choices(data)
+    check_lora(lora, train_device(train_config))
     check_run_dir(run_dir, train_config.resume)
     net, tokenizer = load(model)
     context = net.config.max_length
@@ -104,7 +116,15 @@ def run_sft(model: str, data: DataConfig, train_config: TrainConfig, samples: Sa
                                 data.overlong, data.mix_path, data.mix_ratio, cache=data.cache)
     style = sft_data.style
     if resize_model_for_tokenizer(net, tokenizer):
+        if lora.enabled:  # the new rows would stay untrained: the model could never emit its end-of-turn token
+            raise ValueError(f"prompt style {style.name} adds special tokens to the tokenizer, but LoRA keeps the "
+                             f"token embeddings frozen; use a style the tokenizer already has tokens for (alpaca, "
+                             f"or template with the model's own chat template), or full fine-tuning (lora.r 0)")
         print(f"added special tokens for {style.name}; embeddings resized to {net.config.vocab_size}")
+    if lora.enabled:
+        net = apply_lora(net, lora, base=model, device=train_device(train_config))
+    else:
+        print(f"full fine-tuning: {format_counts(net)}")
     print(sft_data.summary())
     train_batches = BatchLoader(sft_data.train, data.batching, data.batch_size, data.max_length,
                                 tokenizer.pad_id, shuffle=True, seed=data.seed, group_by_length=data.group_by_length)
@@ -112,7 +132,7 @@ def run_sft(model: str, data: DataConfig, train_config: TrainConfig, samples: Sa
                                shuffle=False) if sft_data.val is not None else None)
     print(f"batching {data.batching}: {train_batches.stats}")
     write_config(run_dir, {"task": "sft", "model": model, "data": asdict(data), "train": asdict(train_config),
-                           "samples": asdict(samples), "data_report": sft_data.report})
+                           "samples": asdict(samples), "lora": asdict(lora), "data_report": sft_data.report})
 
     heldout = demo_heldout() if demo else None
     summary: dict = {"run_dir": str(run_dir)}
@@ -129,7 +149,8 @@ def run_sft(model: str, data: DataConfig, train_config: TrainConfig, samples: Sa
         save_model(m, tokenizer, style, path)
 
     summary.update(train(net, train_config, train_batches, sft_loss, run_dir, val_data=val_batches,
-                         sample_fn=sample_fn if sample_prompts else None, save_final=save_final))
+                         sample_fn=sample_fn if sample_prompts else None, save_final=save_final,
+                         trainable_params=trainable_parameters(net) if lora.enabled else None))
     if samples.exact_match and heldout:
         summary["exact_match_after"] = exact_match_rate(net, tokenizer, style, heldout, samples.max_new_tokens)
         print(f"exact match after training: {summary['exact_match_after']:.3f} "
@@ -166,9 +187,18 @@ def demo_heldout() -> list[dict]:
     return [{"messages": c[:-1], "reference": c[-1]["content"]} for c in conversations]
 
 
+def train_device(config: TrainConfig) -> torch.device:
+    """The device the loop will train on (train/loop.py decides the same way)."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
+
+
 def save_model(model, tokenizer, style: PromptStyle, path: Path) -> None:
-    """The final model in Hugging Face format, plus the prompt style that generation must use."""
-    save_pretrained(model, tokenizer, path)
+    """The final model in Hugging Face format (a LoRA model: its adapter in PEFT format), plus the prompt
+    style that generation must use."""
+    if is_lora_model(model):
+        save_adapter(model, tokenizer, path)
+    else:
+        save_pretrained(model, tokenizer, path)
     atomic_write(Path(path) / STYLE_FILE, json.dumps({"prompt_style": style.name}))
 
 

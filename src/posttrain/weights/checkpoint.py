@@ -1,7 +1,8 @@
 """Training checkpoints, written atomically: a directory is either the old one or the new one, whole.
 
 A checkpoint directory holds
-  model.safetensors   the model's state dict (tied weights stored once)
+  model.safetensors   the model's state dict (tied weights stored once); for a LoRA model (peft),
+                      only its adapters and modules_to_save (posttrain.lora.checkpoint_tensors)
   optimizer.pt        optimizer, scheduler and grad-scaler state (tensors, numbers, lists only;
                       loaded with torch.load(weights_only=True), which executes no pickled code)
   rng.pt              random states of python, numpy, torch and every CUDA device
@@ -27,6 +28,8 @@ import safetensors
 import safetensors.torch
 import torch
 import torch.nn as nn
+
+from posttrain.lora import checkpoint_tensors, is_lora_model, load_adapter_state_dict
 
 MODEL_FILE, OPTIM_FILE, RNG_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "rng.pt", "state.json"
 
@@ -102,7 +105,11 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, state: dict,
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        safetensors.torch.save_model(model, str(tmp / MODEL_FILE), force_contiguous=True)
+        adapter = checkpoint_tensors(model)  # LoRA: the adapters (and a classifier's head) only
+        if adapter is not None:
+            safetensors.torch.save_file(adapter, str(tmp / MODEL_FILE), metadata={"format": "pt", "adapter": "lora"})
+        else:
+            safetensors.torch.save_model(model, str(tmp / MODEL_FILE), force_contiguous=True)
         if optimizer is not None:
             torch.save({"optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -150,8 +157,12 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     if found is None:
         raise FileNotFoundError(f"no checkpoint at {path} (expected {STATE_FILE} and {MODEL_FILE} there)")
     device = next(model.parameters()).device
-    missing, unexpected = safetensors.torch.load_model(model, str(found / MODEL_FILE), strict=False,
-                                                       device=str(device))
+    if is_lora_model(model):  # the checkpoint holds the adapters only (save_checkpoint)
+        load_adapter_state_dict(model, safetensors.torch.load_file(str(found / MODEL_FILE)), str(found / MODEL_FILE))
+        missing = unexpected = None
+    else:
+        missing, unexpected = safetensors.torch.load_model(model, str(found / MODEL_FILE), strict=False,
+                                                           device=str(device))
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {found / MODEL_FILE} does not fit the model: missing keys "
                            f"{sorted(missing)[:5]}, unexpected keys {sorted(unexpected)[:5]}")

