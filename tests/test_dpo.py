@@ -232,6 +232,12 @@ def test_loss_function_matches_hand_computation(pairs, tiny_tokenizer):
         assert metrics["logps/chosen"].item() == pytest.approx(sum(a / x for a, x in zip(pc, nc)), rel=1e-4)
         assert metrics["logps/rejected"].item() == pytest.approx(sum(b / y for b, y in zip(pr, nr)), rel=1e-4)
     assert loss_fn.count(batch) == 4  # the loop normalises by pairs
+    # average_logps=None: the loss's own choice (IPO averages, DPO sums)
+    with torch.no_grad():
+        def loss_of(**kw):
+            return preference_loss_fn(PreferenceLossConfig(**kw), reference)(policy, batch)[0].item()
+        assert loss_of(type="ipo") == loss_of(type="ipo", average_logps=True) != loss_of(type="ipo", average_logps=False)
+        assert loss_of(type="sigmoid") == loss_of(type="sigmoid", average_logps=False)
 
 
 def test_cached_reference_logps_equal_recomputed_ones(pairs, tiny_tokenizer, tmp_path):
@@ -320,6 +326,18 @@ def test_a_tiny_model_learns_its_own_pairs(model_dir, prefs_path, tmp_path):
     assert summary["val_before"]["val_loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert summary["val_before"]["val_rewards/margins"] == pytest.approx(0, abs=1e-5)
     assert val["val_rewards/accuracies"] > 0.9 and val["val_rewards/margins"] > 0.5 and val["val_loss"] < 0.4
+
+
+def test_a_separate_reference_model(model_dir, prefs_path, tmp_path, tiny_tokenizer):
+    other = save_pretrained(tiny_llama(tiny_tokenizer, seed=3), tiny_tokenizer, tmp_path / "other")
+    summary = dpo(str(model_dir), PreferenceDataConfig(path=str(prefs_path), split=(0.75, 0.0, 0.25), batch_size=4,
+                                                      max_length=128),
+                  reference=ReferenceConfig(mode="cached", model=str(other)), train=quiet(max_steps=1),
+                  samples=PreferenceSampleConfig(prompts=0), run_dir=str(tmp_path / "run"))
+    assert summary["reference"]["model"] == str(other) and summary["reference"]["val_cache_hit"] is False
+    assert Path(summary["reference"]["train_cache"]).is_file()  # in POSTTRAIN_CACHE (this test's tmp_path)
+    # the policy starts away from this reference: the step-0 loss is not log 2
+    assert abs(summary["val_before"]["val_loss"] - math.log(2)) > 1e-3
 
 
 def test_cli_smoke_run_writes_metrics_plots_and_samples(model_dir, prefs_path, tmp_path, capsys):

@@ -233,10 +233,16 @@ def lora_run(tmp_path_factory, tiny_tokenizer):
     """One LoRA SFT run of a tiny Llama on alpaca records (shared by the tests below)."""
     root = tmp_path_factory.mktemp("lora")
     base_dir = save_tiny_llama(tiny_tokenizer, root / "tiny-llama")
+    # Token embeddings at a trained model's scale (std 0.12, not init's 0.02): LoRA leaves them and the
+    # final norm frozen, and with init-sized rows no logit could move far from uniform.
+    base, _ = load(str(base_dir))
+    with torch.no_grad():
+        base.model.embed_tokens.weight.mul_(6.0)
+    save_pretrained(base, tiny_tokenizer, base_dir)
     data = DataConfig(path=str(write_alpaca(root / "alpaca.json")), style="alpaca", batching="packed",
                       batch_size=4, max_length=256, split=(0.75, 0.0, 0.25), cache=False)
     train_config = quiet_train(lr=1e-2, warmup_steps=0, schedule="constant", max_steps=LORA_STEPS,
-                               eval_every=LORA_EVAL_EVERY, log_every=1)
+                               eval_every=LORA_EVAL_EVERY, eval_on_start=True, log_every=1)
     summary = sft(model=str(base_dir), data=data, train=train_config, samples=SampleConfig(prompts=1, max_new_tokens=4),
                   lora=LoraConfig(r=8, alpha=16, dropout=0.0, targets="all-linear"), run_dir=str(root / "run"))
     return root / "run", base_dir, summary
@@ -244,15 +250,14 @@ def lora_run(tmp_path_factory, tiny_tokenizer):
 
 def test_lora_sft_lowers_val_loss_and_saves_an_adapter(lora_run):
     run_dir, base_dir, summary = lora_run
-    val = [r["val_loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "val_loss" in r]
-    assert len(val) == LORA_STEPS // LORA_EVAL_EVERY and val[-1] < val[0] - 0.1, val
-    assert val[-1] < 0.6 * math.log(320)
+    val = {r["step"]: r["val_loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "val_loss" in r}
+    assert sorted(val) == list(range(0, LORA_STEPS + 1, LORA_EVAL_EVERY))  # step 0: the base model
+    assert val[LORA_STEPS] < val[0] - 2 and val[LORA_STEPS] < math.log(320) - 1, val
     model_dir = run_dir / "model"
-    assert sorted(p.name for p in model_dir.iterdir()) == sorted(
-        ["adapter_config.json", "adapter_model.safetensors", "posttrain_adapter.json", "posttrain.json",
-         "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]) or (
-        {"adapter_config.json", "adapter_model.safetensors", "posttrain.json"} <= {p.name for p in model_dir.iterdir()})
-    assert not (model_dir / "model.safetensors").exists() and not (model_dir / "config.json").exists()
+    names = {p.name for p in model_dir.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "posttrain_adapter.json", "posttrain.json",
+            "tokenizer.json"} <= names
+    assert not names & {"model.safetensors", "config.json"}  # no copy of the base
     meta = json.loads((model_dir / "posttrain_adapter.json").read_text())
     assert meta["base_model"] == str(base_dir.resolve())
     # checkpoints: the adapter only (7 linear layers x 2 blocks x lora_A, lora_B)
@@ -271,27 +276,27 @@ def test_a_lora_run_loads_merged_and_merges_to_a_plain_directory(lora_run, tmp_p
     assert type(merged).__name__ == "Llama" and not is_lora_model(merged) and len(tokenizer) == 259
     adapted = load_adapter(run_dir / "model", merge=False)
     base, _ = load(str(base_dir))
+    # Trained, this tiny model amplifies fp32 rounding: its own fp32 and fp64 logits differ by ~1e-4
+    # (the 1e-5 bound holds in test_merged_logits_equal_adapter_logits); a wrong merge is off by >0.1.
+    tolerance = 1e-3
     with torch.no_grad():
         ref = adapted(X)
-        assert (merged(X) - ref).abs().max() <= 1e-5
-        assert (base(X) - ref).abs().max() > 1e-2  # training changed the model
+        assert (merged(X) - ref).abs().max() <= tolerance
+        assert (base(X) - ref).abs().max() > 0.1  # training changed the model
 
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["merge", str(run_dir), str(tmp_path / "merged")])
-    assert exit_info.value.code in (0, None)
+    cli.main(["merge", str(run_dir), str(tmp_path / "merged")])
     assert "merged the adapter" in capsys.readouterr().out
     out = tmp_path / "merged"
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     assert json.loads((out / "posttrain.json").read_text())["prompt_style"] == "alpaca"
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     with torch.no_grad():
-        assert (hf(input_ids=X).logits - ref).abs().max() <= 1e-5
+        assert (hf(input_ids=X).logits - ref).abs().max() <= tolerance
 
-    with pytest.raises(SystemExit):  # export of a LoRA run writes the merged model too
-        cli.main(["export", str(run_dir), str(tmp_path / "exported")])
+    cli.main(["export", str(run_dir), str(tmp_path / "exported")])  # export of a LoRA run: merged too
     again, _ = load(str(tmp_path / "exported"))
     with torch.no_grad():
-        assert (again(X) - ref).abs().max() <= 1e-5
+        assert (again(X) - ref).abs().max() <= tolerance
 
 
 def test_merge_of_a_full_model_run_says_to_export(tiny_model_dir, tmp_path, capsys):

@@ -175,13 +175,16 @@ def _fmt(value) -> str:
 
 
 def config_rows(runs: Sequence[RunData]) -> list[list]:
-    """[key, value per run] for config keys whose values differ (every key for one run)."""
+    """[key, value per run] for config keys whose values differ between the runs that have them
+    (a key a run lacks, e.g. a base model evaluated without training, is no difference); every key
+    when a single run has a config."""
     keys = sorted({k for r in runs for k in r.config})
+    with_config = sum(1 for r in runs if r.config)
     rows = []
     for key in keys:
         values = [r.config.get(key) for r in runs]
-        if len(runs) == 1 or any(json.dumps(v, sort_keys=True, default=str) != json.dumps(values[0], sort_keys=True,
-                                                                                           default=str) for v in values):
+        present = {json.dumps(r.config[key], sort_keys=True, default=str) for r in runs if key in r.config}
+        if with_config == 1 or len(present) > 1:
             rows.append([key, *values])
     return rows
 
@@ -423,7 +426,7 @@ def build_report(runs: Sequence[RunData], samples: int = 5) -> tuple[str, str]:
                   f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
     md = [f"# {title}", ""]
     run_rows = [[r.name, str(r.path), r.config.get("task", "eval only" if not r.metrics else None),
-                 r.config.get("model")] for r in runs]
+                 r.config.get("model") or next((g.get("model") for g in r.generate.values()), None)] for r in runs]
     html_parts.append("<h2>Runs</h2>" + _html_table(["run", "directory", "task", "model"], run_rows, "runs"))
     md += ["## Runs", "", _md_table(["run", "directory", "task", "model"], run_rows), ""]
 
@@ -434,6 +437,11 @@ def build_report(runs: Sequence[RunData], samples: int = 5) -> tuple[str, str]:
         md += [f"## {what}", "", _md_table(["key", *names], configs), ""]
     elif len(runs) > 1 and any(r.config for r in runs):
         html_parts.append("<h2>Configs that differ</h2><p class='muted'>none: the configs are identical</p>")
+    for r in runs:  # every setting, folded away
+        if r.config and (len(runs) > 1):
+            rows = [[k, v] for k, v in sorted(r.config.items())]
+            html_parts.append(f"<details><summary>full config of {html.escape(r.name)}</summary>"
+                              + _html_table(["key", r.name], rows, f"config-{r.name}") + "</details>")
 
     metrics = metric_rows(runs)
     if metrics:

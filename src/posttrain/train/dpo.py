@@ -19,9 +19,11 @@ The pieces, usable on their own:
 
 Metrics (TRL's names; the loop adds `val_` for validation): loss, rewards/chosen,
 rewards/rejected, rewards/margins, rewards/accuracies, logps/chosen, logps/rejected (ORPO also
-nll_loss, log_odds_ratio, log_odds_chosen). The run directory holds plots of the loss, margins and
-accuracies against steps, and sample answers to validation prompts at every evaluation (a collapsing
-model shows there first).
+nll_loss, log_odds_ratio, log_odds_chosen). Rewards are beta-scaled as in TRL:
+beta * (log pi - log ref); LLMs-from-scratch logs the log-ratios without beta (multiply its
+margins by beta to compare). The run directory holds plots of the loss, margins and accuracies
+against steps, and sample answers to validation prompts at every evaluation (a collapsing model
+shows there first).
 """
 
 from __future__ import annotations
