@@ -73,29 +73,36 @@ def run_transformers(model, prompts) -> int:
     return (out.shape[1] - width) * len(prompts)
 
 
-def timed(fn, *args) -> tuple[float, int]:
-    fn(*args)  # warm-up
+def synchronize():
     if DEVICE == "cuda":
         torch.cuda.synchronize()
-    best, tokens = float("inf"), 0
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        tokens = fn(*args)
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best, tokens
+
+
+def bench(alias: str) -> list[dict]:
+    """Both libraries on the same prompts, runs interleaved so that a busy machine slows both alike;
+    the best of REPEATS runs after one warm-up each."""
+    native, hf = models_for(alias)
+    prompts = prompts_for(PRESETS[alias].config.vocab_size)
+    runs = {"posttrain": (run_posttrain, native), "transformers": (run_transformers, hf)}
+    runs = {impl: runs[impl] for impl in IMPLS}
+    best = {impl: float("inf") for impl in runs}
+    tokens = {}
+    for repeat in range(REPEATS + 1):
+        for impl, (fn, model) in runs.items():
+            synchronize()
+            start = time.perf_counter()
+            tokens[impl] = fn(model, prompts)
+            synchronize()
+            if repeat:  # the first run of each is a warm-up
+                best[impl] = min(best[impl], time.perf_counter() - start)
+    return [{"model": alias, "impl": impl, "device": DEVICE, "dtype": str(DTYPE), "batch": BATCH,
+             "new_tokens": NEW, "seconds": round(best[impl], 2), "tokens_per_s": round(tokens[impl] / best[impl], 1),
+             "torch": torch.__version__, "transformers": transformers.__version__,
+             "machine": torch.cuda.get_device_name() if DEVICE == "cuda" else platform.machine(),
+             "threads": torch.get_num_threads()} for impl in runs]
 
 
 if __name__ == "__main__":
     for alias in MODELS:
-        native, hf = models_for(alias)
-        prompts = prompts_for(PRESETS[alias].config.vocab_size)
-        for impl in IMPLS:
-            seconds, tokens = timed(run_posttrain if impl == "posttrain" else run_transformers,
-                                    native if impl == "posttrain" else hf, prompts)
-            print(json.dumps({"model": alias, "impl": impl, "device": DEVICE, "dtype": str(DTYPE), "batch": BATCH,
-                              "new_tokens": NEW, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
-                              "torch": torch.__version__, "transformers": transformers.__version__,
-                              "machine": torch.cuda.get_device_name() if DEVICE == "cuda" else platform.machine(),
-                              "threads": torch.get_num_threads()}), flush=True)
+        for row in bench(alias):
+            print(json.dumps(row), flush=True)

@@ -1,9 +1,10 @@
 """Training-step throughput: native models against transformers' on the same batch.
 
 A step is forward + cross-entropy + backward + AdamW update, random weights (speed does not depend on
-them), the same token batch for both implementations. Prints one JSON line per (model, impl).
+them), the same token batch for both implementations, their steps interleaved; the median step
+time of each is reported. Prints one JSON line per (model, impl).
 
-    python benchmarks/throughput.py                        # CPU defaults: batch 4 x 256, 5 steps
+    python benchmarks/throughput.py                        # CPU defaults: batch 4 x 256, 5 steps each
     DEVICE=cuda BATCH=16 SEQ=1024 STEPS=20 python benchmarks/throughput.py
     MODELS=gpt2,smollm2-135m IMPLS=native,transformers python benchmarks/throughput.py
 """
@@ -37,14 +38,12 @@ def logits_of(model, impl: str, x: torch.Tensor) -> torch.Tensor:
     return model(x) if impl == "native" else model(input_ids=x).logits
 
 
-def bench(alias: str, impl: str) -> dict:
+def make_step(alias: str, impl: str, inputs, targets):
+    """One training step of a fresh model (random weights, seed 0) as a closure."""
     torch.manual_seed(0)
     model = build_model(PRESETS[alias].config) if impl == "native" else transformers_model(alias)
     model.to(DEVICE).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=DEVICE == "cuda")
-    vocab = PRESETS[alias].config.vocab_size
-    x = torch.randint(0, vocab, (BATCH, SEQ + 1), device=DEVICE)
-    inputs, targets = x[:, :-1], x[:, 1:]
     autocast = torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda")
 
     def step():
@@ -54,27 +53,45 @@ def bench(alias: str, impl: str) -> dict:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    return step
 
-    for _ in range(WARMUP):
-        step()
+
+def timed(step) -> float:
     if DEVICE == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    for _ in range(STEPS):
-        step()
+    step()
     if DEVICE == "cuda":
         torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / STEPS
-    return {"model": alias, "impl": impl, "device": DEVICE, "batch": BATCH, "seq": SEQ,
-            "ms_per_step": round(seconds * 1000, 1), "tokens_per_s": round(BATCH * SEQ / seconds, 1),
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEVICE == "cuda" else None,
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "machine": torch.cuda.get_device_name() if DEVICE == "cuda" else platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads()}
+    return time.perf_counter() - start
+
+
+def bench(alias: str) -> list[dict]:
+    """Both implementations on the same batch, their steps interleaved so that a busy machine slows
+    both alike: the ratio is what to compare."""
+    vocab = PRESETS[alias].config.vocab_size
+    x = torch.randint(0, vocab, (BATCH, SEQ + 1), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
+    inputs, targets = x[:, :-1], x[:, 1:]
+    steps = {impl: make_step(alias, impl, inputs, targets) for impl in IMPLS}
+    for _ in range(WARMUP):
+        for step in steps.values():
+            step()
+    seconds = {impl: [] for impl in IMPLS}
+    for _ in range(STEPS):
+        for impl, step in steps.items():
+            seconds[impl].append(timed(step))
+    rows = []
+    for impl in IMPLS:
+        median = sorted(seconds[impl])[len(seconds[impl]) // 2]
+        rows.append({"model": alias, "impl": impl, "device": DEVICE, "batch": BATCH, "seq": SEQ,
+                     "ms_per_step": round(median * 1000, 1), "tokens_per_s": round(BATCH * SEQ / median, 1),
+                     "torch": torch.__version__, "transformers": transformers.__version__,
+                     "machine": torch.cuda.get_device_name() if DEVICE == "cuda" else platform.machine(),
+                     "threads": torch.get_num_threads()})
+    return rows
 
 
 if __name__ == "__main__":
     for alias in MODELS:
-        for impl in IMPLS:
-            print(json.dumps(bench(alias, impl)), flush=True)
+        for row in bench(alias):
+            print(json.dumps(row), flush=True)

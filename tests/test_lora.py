@@ -50,6 +50,15 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models compute faster on one thread than they synchronise two (much faster on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # -- which modules, how many parameters -----------------------------------------------------------
 
 def test_parameter_counts_match_hand_computation(make_tiny_model, capsys):
@@ -341,3 +350,128 @@ def test_lora_with_a_style_that_adds_tokens_is_refused(tmp_path, gpt2_tokenizer)
     with pytest.raises(ValueError, match="chatml adds special tokens.*LoRA keeps the token embeddings frozen"):
         sft(model=str(model_dir), data=data, train=quiet_train(max_steps=1), lora=LoraConfig(r=4),
             run_dir=str(tmp_path / "run"))
+
+
+# -- DPO: the reference is the base with the adapters switched off ------------------------------------
+
+def test_the_dpo_reference_is_the_base_without_a_copy(tiny_tokenizer):
+    """base_model_reference gives the untouched base's log-probs after the adapters trained, from the
+    one model in memory (peft's disable_adapter), while the policy's own log-probs moved."""
+    from test_dpo import tiny_llama
+
+    from posttrain.data.preferences import PairLoader, PreferencePairs, tokenize_pairs
+    from posttrain.data.formats import Preference
+    from posttrain.lora import base_model_reference
+    from posttrain.prompts import get_style
+    from posttrain.train.dpo import PreferenceLossConfig, preference_loss_fn, sequence_logps
+    from posttrain.train.loop import forward_backward
+
+    style = get_style("template", tiny_tokenizer, "response")
+    prefs = [Preference([{"role": "user", "content": f"Q{i}"}], [{"role": "assistant", "content": "yes " * (i + 1)}],
+                        [{"role": "assistant", "content": "no" * (i + 1)}]) for i in range(4)]
+    pairs = PreferencePairs(tokenize_pairs(prefs, style, max_length=64), [p.prompt for p in prefs])
+    batch = next(PairLoader(pairs, "padding", 4, 64, tiny_tokenizer.pad_id, shuffle=False).epoch(0))
+    original = tiny_llama(tiny_tokenizer)
+    policy = apply_lora(tiny_llama(tiny_tokenizer), LoraConfig(r=4, dropout=0.0), verbose=False)
+    reference = base_model_reference(policy, lambda m, b: sequence_logps(m, b)[0])
+    assert [c.cell_contents for c in reference.__closure__ if isinstance(c.cell_contents, torch.nn.Module)] == [policy]
+    loss_fn = preference_loss_fn(PreferenceLossConfig(), reference)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    first = None
+    for _ in range(5):
+        loss, _, _ = forward_backward(policy, [batch], loss_fn, 4, torch.device("cpu"))
+        first = loss.item() if first is None else first
+        optimizer.step()
+        optimizer.zero_grad()
+    assert first == pytest.approx(math.log(2), abs=1e-5) and loss.item() < first - 0.05  # starts at the reference
+    with torch.no_grad():
+        base_logps = sequence_logps(original, batch)[0]
+        assert torch.allclose(reference(batch), base_logps, atol=1e-5)
+        assert (sequence_logps(policy, batch)[0] - base_logps).abs().max() > 1e-2
+
+
+@pytest.fixture(scope="module")
+def dpo_setup(tmp_path_factory, tiny_tokenizer):
+    from test_dpo import preference_records, tiny_llama
+
+    root = tmp_path_factory.mktemp("lora-dpo")
+    prefs = root / "prefs.json"
+    prefs.write_text(json.dumps(preference_records()))
+    return save_pretrained(tiny_llama(tiny_tokenizer), tiny_tokenizer, root / "tiny"), prefs
+
+
+@pytest.fixture(scope="module")
+def dpo_runs(dpo_setup, tmp_path_factory):
+    """A LoRA DPO run per reference mode: cached (computed once, adapters off) and memory (every batch)."""
+    from posttrain.train.dpo import PreferenceDataConfig, PreferenceLossConfig, PreferenceSampleConfig, ReferenceConfig, dpo
+    from test_dpo import quiet as dpo_quiet
+
+    model_dir, prefs = dpo_setup
+    runs = {}
+    for mode in ("cached", "memory"):
+        run_dir = tmp_path_factory.mktemp("runs") / mode
+        runs[mode] = run_dir, dpo(str(model_dir), PreferenceDataConfig(path=str(prefs), val_path=str(prefs),
+                                                                       batch_size=4, max_length=128, cache=False),
+                                  PreferenceLossConfig(type="sigmoid", beta=0.1), ReferenceConfig(mode=mode),
+                                  dpo_quiet(max_steps=8, lr=1e-2), PreferenceSampleConfig(prompts=1, max_new_tokens=4),
+                                  lora=LoraConfig(r=8, dropout=0.0), run_dir=str(run_dir))
+    return runs
+
+
+def test_lora_dpo_learns_from_the_base_as_reference_in_both_modes(dpo_runs):
+    for mode, (run_dir, summary) in dpo_runs.items():
+        before, after = summary["val_before"], summary["val"]
+        assert before["val_loss"] == pytest.approx(math.log(2), abs=1e-5), mode  # policy == reference at step 0
+        assert after["val_loss"] < 0.5 and after["val_rewards/accuracies"] > 0.9, (mode, after)
+        assert (run_dir / "model" / "adapter_config.json").is_file() and not (run_dir / "model" / "config.json").exists()
+        stored = safetensors.torch.load_file(str(run_dir / "checkpoints" / "last" / "model.safetensors"))
+        assert stored and all(".lora_" in k for k in stored)
+    # the same reference either way: cached (adapters off, once) and in memory (adapters off, per batch)
+    cached, memory = dpo_runs["cached"][1]["val"], dpo_runs["memory"][1]["val"]
+    assert memory == pytest.approx(cached, rel=1e-4, abs=1e-4)
+
+
+def test_a_lora_dpo_run_loads_merged(dpo_runs, dpo_setup):
+    run_dir, _ = dpo_runs["cached"]
+    merged, tokenizer = load(str(run_dir))
+    base, _ = load(str(dpo_setup[0]))
+    assert type(merged).__name__ == "Llama" and len(tokenizer) == 259
+    with torch.no_grad():
+        assert (merged(X) - base(X)).abs().max() > 1e-3
+
+
+# -- classification: adapters on the blocks, the new head in full --------------------------------------
+
+def test_lora_classification_trains_adapters_and_head_and_saves_the_merged_classifier(tiny_tokenizer, tmp_path):
+    from test_classify import quick_train, save_tiny, separable_records, write_jsonl
+
+    from posttrain.predict import Classifier
+    from posttrain.train.classify import ClassifyDataConfig, EvalConfig, HeadConfig, classify
+
+    model_dir = save_tiny("gpt2", tiny_tokenizer, tmp_path / "tiny-gpt2")
+    path = write_jsonl(tmp_path / "data.jsonl", separable_records(200))
+    run = tmp_path / "run"
+    summary = classify(str(model_dir), ClassifyDataConfig(path=str(path), max_length=64), HeadConfig(),
+                       quick_train(epochs=2, lr=1e-2), EvalConfig(), lora=LoraConfig(r=4, dropout=0.0),
+                       run_dir=str(run))
+    assert summary["test_accuracy"] >= 0.95 and summary["test_accuracy_before"] < 0.9, summary
+    adapters = 2 * ((4 * 64 + 192 * 4) + (4 * 64 + 64 * 4) + (4 * 64 + 256 * 4) + (4 * 256 + 64 * 4))
+    assert summary["trainable_parameters"] == adapters + 2 * 64  # and the head Linear(64, 2)
+    import yaml
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["head"]["trainable"] == "lora" and config["lora"]["r"] == 4
+    stored = safetensors.torch.load_file(str(run / "checkpoints" / "best" / "model.safetensors"))
+    assert sorted(k for k in stored if ".lora_" not in k) == ["base_model.model.lm_head.weight"]
+    assert stored["base_model.model.lm_head.weight"].shape == (2, 64)
+    # model/ is a plain classifier: predict reproduces the run's test accuracy
+    classifier = Classifier.load(str(run), device="cpu")
+    predictions = read_jsonl(run / "test_predictions.jsonl")
+    labels = [p["label"] for p in classifier.predict([p["text"] for p in predictions])]
+    assert labels == [p["prediction"] for p in predictions]
+
+
+def test_head_trainable_lora_needs_a_rank(tmp_path):
+    from posttrain.train.classify import ClassifyDataConfig, EvalConfig, HeadConfig, classify
+
+    with pytest.raises(ValueError, match="head.trainable lora needs adapters.*--lora.r"):
+        classify("no/such-model", ClassifyDataConfig(), HeadConfig(trainable="lora"), run_dir=str(tmp_path / "r"))

@@ -52,7 +52,10 @@ def run(argv: list[str]):
     """Parse `argv` and call the subcommand it names; returns what the subcommand returns."""
     from jsonargparse import CLI
 
-    return CLI(commands(), args=argv, as_positional=True)
+    from posttrain.predict import positional_text_argv
+
+    # `posttrain predict RUN "text"`: jsonargparse makes only required parameters positional
+    return CLI(commands(), args=positional_text_argv(argv), as_positional=True)
 
 
 def parser():

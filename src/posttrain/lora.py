@@ -39,7 +39,8 @@ import math
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -178,12 +179,13 @@ def peft_config(config: LoraConfig, targets: list[str], modules_to_save: list[st
 
 def apply_lora(model: nn.Module, config: LoraConfig, base: str | None = None,
                modules_to_save: list[str] | None = None, device: torch.device | str | None = None,
-               verbose: bool = True):
+               seed: int | None = None, verbose: bool = True):
     """Wrap `model` in adapters (peft's PeftModel); every base weight is frozen.
 
     base: what the model was loaded from (preset, hub id, path): recorded for save_adapter.
     modules_to_save: modules trained in full beside the adapters and saved with them (a classifier's
     new head: ["lm_head"]). device: where training runs (QLoRA quantizes there; it needs CUDA).
+    seed: seeds torch first, so that the adapters' random initialisation is part of the run's seed.
     The model keeps its interface: `wrapped(input_ids)`, `.hidden`, `.lm_head`, `.config` reach it.
     """
     check_lora(config)
@@ -197,6 +199,8 @@ def apply_lora(model: nn.Module, config: LoraConfig, base: str | None = None,
         quantize_base(model, config.quantize, device if device is not None else "cuda")
     import peft
 
+    if seed is not None:
+        torch.manual_seed(seed)
     wrapped = peft.get_peft_model(model, peft_config(config, targets, modules_to_save),
                                   autocast_adapter_dtype=not config.quantize)
     if config.quantize:
@@ -238,6 +242,14 @@ def describe(model: nn.Module, config: LoraConfig, targets: list[str]) -> str:
             f"{config.init}{quant}) on {', '.join(targets)}: {format_counts(model)}")
 
 
+def new_tokens_error(style: str) -> ValueError:
+    """A trainer's error when its prompt style grows the vocabulary under LoRA: the new embedding rows
+    would stay untrained (frozen), so the model could never emit, say, its end-of-turn token."""
+    return ValueError(f"prompt style {style} adds special tokens to the tokenizer, but LoRA keeps the token "
+                      f"embeddings frozen; use a style the tokenizer already has tokens for (alpaca, or template "
+                      f"with the model's own chat template), or full fine-tuning (lora.r 0)")
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """What trains in a LoRA model: the adapters and any modules_to_save (peft froze the rest)."""
     if not is_lora_model(model):
@@ -268,13 +280,33 @@ def base_model_reference(model: nn.Module, logps_fn):
     return reference
 
 
-def merge_adapter(model: nn.Module) -> nn.Module:
-    """The native model with the adapters folded into its weights (peft's merge_and_unload)."""
+def is_quantized(model: nn.Module) -> bool:
+    return any(p.__class__.__name__ == "Params4bit" for p in model.parameters())
+
+
+def merge_adapter(model: nn.Module, rebuild_base: Callable[[], nn.Module] | None = None) -> nn.Module:
+    """The native model with the adapters folded into its weights (peft's merge_and_unload).
+
+    rebuild_base: a function that builds the base again in full precision (e.g. loads it from disk);
+    then the adapters (and modules_to_save) are copied onto it and merged there, not into `model`'s own
+    base. QLoRA needs it: its base is 4-bit, and merging into that would round the update away.
+    """
     if not is_lora_model(model):
         return model
-    if any(p.__class__.__name__ == "Params4bit" for p in model.parameters()):
-        raise ValueError("the base is 4-bit (QLoRA): merge into the full-precision base instead, e.g. "
-                         "save_adapter(...) then posttrain merge RUN OUT (which reloads the base)")
+    if rebuild_base is not None:
+        import copy
+
+        import peft
+
+        config, state = copy.deepcopy(model.peft_config[ADAPTER_NAME]), adapter_state_dict(model)
+        fresh = peft.get_peft_model(rebuild_base(), config)
+        load_adapter_state_dict(fresh, state, "merge_adapter")
+        fresh.posttrain_base = getattr(model, "posttrain_base", None)
+        model = fresh
+    elif is_quantized(model):
+        raise ValueError("the base is 4-bit (QLoRA): merge into the full-precision base instead "
+                         "(merge_adapter(model, rebuild_base=...), or save_adapter then posttrain merge RUN OUT, "
+                         "which reloads the base)")
     merged = model.merge_and_unload()
     for p in merged.parameters():
         p.requires_grad_(True)

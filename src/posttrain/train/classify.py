@@ -39,6 +39,7 @@ from posttrain.data.labelled import BALANCE, DEFAULT_SPLIT, SMS_SPAM, LabelledDa
 from posttrain.eval.classification_metrics import classification_report, format_confusion
 from posttrain.models.heads import (POOLINGS, TRAINABLE_POLICIES, add_classification_head, classifier_logits,
                                     trainable_parameters)
+from posttrain.lora import LoraConfig, apply_lora, check_lora, merge_adapter
 from posttrain.models.registry import OFFLINE_DEFAULT
 from posttrain.report import plot_run
 from posttrain.runlog import METRICS_FILE, read_jsonl, write_config
@@ -74,7 +75,7 @@ class ClassifyDataConfig:
 
 @dataclass
 class HeadConfig:
-    trainable: str = "last-k"            # head | last-k | all | lora (posttrain.lora, later)
+    trainable: str = "last-k"            # head | last-k | all | lora (adapters + head; set by lora.r > 0)
     last_k: int = 1                      # last-k: the last k blocks + final norm + head
     pooling: str = "last-nonpad"         # last | last-nonpad | mean
     bias: bool = False                   # False: the head is Hugging Face's `score` (transformers loads the run)
@@ -255,8 +256,8 @@ def evaluate_split(model: nn.Module, batches: ClassificationBatches, labels: Seq
 
 def classify(model: str = OFFLINE_DEFAULT, data: ClassifyDataConfig = ClassifyDataConfig(),
              head: HeadConfig = HeadConfig(), train: TrainConfig = classify_train_config(),
-             evaluation: EvalConfig = EvalConfig(), run_dir: str | None = None, runs: str = "runs",
-             name: str | None = None) -> dict:
+             evaluation: EvalConfig = EvalConfig(), lora: LoraConfig = LoraConfig(), run_dir: str | None = None,
+             runs: str = "runs", name: str | None = None) -> dict:
     """Fine-tune a causal LM as a text classifier (spam detection, any labelled text).
 
     The LM head is replaced by Linear(d_model, n_classes); the trainable set, the pooled position and
@@ -269,11 +270,13 @@ def classify(model: str = OFFLINE_DEFAULT, data: ClassifyDataConfig = ClassifyDa
         head: trainable parameters (head | last-k | all | lora), last_k, pooling (last | last-nonpad | mean).
         train: optimizer, schedule, precision, evaluation cadence, checkpoints (best by val accuracy).
         evaluation: metrics before training, splits measured, which weights are final (best | last).
+        lora: LoRA / rsLoRA / DoRA adapters on the blocks (lora.r > 0, then head.trainable is lora: the
+            adapters and the head train); QLoRA with lora.quantize nf4 (CUDA). model/ holds the merged classifier.
         run_dir: where the run is written (default: RUNS/NAME).
         runs: folder of runs.
         name: run name (default: classify-<model>-<time>).
     """
-    return run_classify(model, data, head, train, evaluation, run_dir, runs, name)
+    return run_classify(model, data, head, train, evaluation, run_dir, runs, name, lora)
 
 
 def check_options(data: ClassifyDataConfig, head: HeadConfig, evaluation: EvalConfig, train_config: TrainConfig
@@ -302,7 +305,8 @@ def _device(name: str) -> torch.device:
 
 
 def run_classify(model: str, data: ClassifyDataConfig, head: HeadConfig, train_config: TrainConfig,
-                 evaluation: EvalConfig, run_dir: str | None, runs: str = "runs", name: str | None = None) -> dict:
+                 evaluation: EvalConfig, run_dir: str | None, runs: str = "runs", name: str | None = None,
+                 lora: LoraConfig = LoraConfig()) -> dict:
     from posttrain.predict import save_classifier
     from posttrain.train.sft import check_run_dir
     from posttrain.weights import load
@@ -311,6 +315,9 @@ def run_classify(model: str, data: ClassifyDataConfig, head: HeadConfig, train_c
                                                                    f"{time.strftime('%Y%m%d-%H%M%S')}")
     # Mistakes that need no model are reported before the model loads.
     check_options(data, head, evaluation, train_config)
+    check_lora(lora, _device(train_config.device))
+    if head.trainable == "lora" and not lora.enabled:
+        raise ValueError("head.trainable lora needs adapters: set their rank, --lora.r (e.g. 16)")
     check_run_dir(run_dir, train_config.resume)
     labelled = load_labelled(data.path, data.text_column, data.label_column, data.columns, data.labels,
                              data.val_path, data.test_path, tuple(data.split), data.seed, data.balance,
@@ -324,6 +331,10 @@ def run_classify(model: str, data: ClassifyDataConfig, head: HeadConfig, train_c
         data = replace(data, max_length=context)
     torch.manual_seed(train_config.seed)  # the head's initialisation is part of the run's seed
     add_classification_head(net, len(labelled.labels), bias=head.bias)
+    if lora.enabled:  # adapters on the blocks; the new head trains in full beside them (peft's modules_to_save)
+        net = apply_lora(net, lora, base=model, modules_to_save=["lm_head"], device=_device(train_config.device),
+                         seed=train_config.seed)
+        head = replace(head, trainable="lora")
     params = trainable_parameters(net, head.trainable, head.last_k)
     n_train = sum(p.numel() for p in params)
     print(f"head: Linear({net.lm_head.in_features}, {len(labelled.labels)}); trainable {head.trainable}"
@@ -348,7 +359,7 @@ def run_classify(model: str, data: ClassifyDataConfig, head: HeadConfig, train_c
     train_batches = batches("train", True, data.batch_size)
     eval_sets = {s: batches(s, False, data.eval_batch_size) for s in SPLITS}
     write_config(run_dir, {"task": "classify", "model": model, "data": asdict(data), "head": asdict(head),
-                           "train": asdict(train_config), "evaluation": asdict(evaluation),
+                           "train": asdict(train_config), "evaluation": asdict(evaluation), "lora": asdict(lora),
                            "labels": labelled.labels, "class_weights": labelled.class_weights,
                            "data_report": {**labelled.report, "truncated": truncated}})
     atomic_write(run_dir / LABELS_FILE, json.dumps({"labels": labelled.labels}, indent=1))
@@ -378,6 +389,14 @@ def run_classify(model: str, data: ClassifyDataConfig, head: HeadConfig, train_c
     if evaluation.final == "best" and best is not None and summary.get("best_step"):
         load_checkpoint(best, net, restore_rng=False)
         final = f"best (step {summary['best_step']}, {train_config.best_metric} {summary['best']:.4f})"
+    if lora.enabled:  # the final classifier: adapters and head folded into the base, measured as saved
+
+        def full_precision_base():  # QLoRA's base is 4-bit: merge into the original weights instead
+            base = load(model)[0]
+            add_classification_head(base, len(labelled.labels), bias=head.bias)
+            return base
+
+        net = merge_adapter(net, full_precision_base if lora.quantize else None).to(device)
     results["final_weights"] = final
     results["after"], probabilities = {}, {}
     for s in measured:

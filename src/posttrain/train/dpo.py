@@ -46,6 +46,8 @@ import torch.nn.functional as F
 from posttrain.data.preferences import PAIR_MODES, PAIR_OVERLONG, PairLoader, PreferencePairs, prepare_preference_data
 from posttrain.data.sources import DEFAULT_SPLIT, cache_dir
 from posttrain.generate import saved_style
+from posttrain.lora import (LoraConfig, adapters_disabled, apply_lora, base_model_reference, check_lora,
+                            new_tokens_error, trainable_parameters)
 from posttrain.models.registry import OFFLINE_DEFAULT
 from posttrain.prompts import STYLES, resize_model_for_tokenizer
 from posttrain.runlog import METRICS_FILE, read_jsonl, write_config
@@ -288,7 +290,8 @@ def preference_loss_fn(config: PreferenceLossConfig, reference: Reference = None
 def dpo(model: str = OFFLINE_DEFAULT, data: PreferenceDataConfig = PreferenceDataConfig(),
         loss: PreferenceLossConfig = PreferenceLossConfig(), reference: ReferenceConfig = ReferenceConfig(),
         train: TrainConfig = dpo_train_config(), samples: PreferenceSampleConfig = PreferenceSampleConfig(),
-        run_dir: str | None = None, runs: str = "runs", name: str | None = None) -> dict:
+        lora: LoraConfig = LoraConfig(), run_dir: str | None = None, runs: str = "runs", name: str | None = None
+        ) -> dict:
     """Preference tuning: DPO (sigmoid), IPO, hinge, SimPO or ORPO on pairs of chosen and rejected answers.
 
     Start from an instruction-tuned model (an SFT run directory works); the reference model's
@@ -303,11 +306,13 @@ def dpo(model: str = OFFLINE_DEFAULT, data: PreferenceDataConfig = PreferenceDat
         reference: how reference log-probs are obtained (cached or in memory) and from which model.
         train: optimizer, schedule, precision, accumulation, evaluation and checkpoints.
         samples: sample answers to validation prompts at each evaluation.
+        lora: LoRA / rsLoRA / DoRA adapters (lora.r > 0; QLoRA: lora.quantize nf4, CUDA). The reference is
+            then the base itself with the adapters switched off: no second copy of the weights.
         run_dir: where the run is written (default: RUNS/NAME).
         runs: folder of runs.
         name: run name (default: dpo-<model>-<time>).
     """
-    return run_dpo(model, data, loss, reference, train, samples, run_dir, runs, name)
+    return run_dpo(model, data, loss, reference, train, samples, run_dir, runs, name, lora)
 
 
 def check_dpo_choices(data: PreferenceDataConfig, loss: PreferenceLossConfig, reference: ReferenceConfig) -> None:
@@ -340,7 +345,7 @@ def _device(config: TrainConfig) -> torch.device:
 
 def run_dpo(model: str, data: PreferenceDataConfig, loss: PreferenceLossConfig, reference: ReferenceConfig,
             train_config: TrainConfig, samples: PreferenceSampleConfig, run_dir: str | None, runs: str = "runs",
-            name: str | None = None) -> dict:
+            name: str | None = None, lora: LoraConfig = LoraConfig()) -> dict:
     from posttrain.train.sft import answer, check_run_dir, save_model
     from posttrain.weights import load
 
@@ -348,6 +353,7 @@ def run_dpo(model: str, data: PreferenceDataConfig, loss: PreferenceLossConfig, 
     run_dir = Path(run_dir) if run_dir else Path(runs) / name
     # Mistakes that need no model to find are reported before minutes of loading and tokenizing.
     check_dpo_choices(data, loss, reference)
+    check_lora(lora, _device(train_config))
     check_run_dir(run_dir, train_config.resume)
     net, tokenizer = load(model)
     context = net.config.max_length
@@ -360,7 +366,11 @@ def run_dpo(model: str, data: PreferenceDataConfig, loss: PreferenceLossConfig, 
                                     cache=data.cache)
     style = prefs.style
     if resize_model_for_tokenizer(net, tokenizer):
+        if lora.enabled:  # the new rows would stay untrained (frozen embeddings)
+            raise new_tokens_error(style.name)
         print(f"added special tokens for {style.name}; embeddings resized to {net.config.vocab_size}")
+    if lora.enabled:  # before the reference: with QLoRA it is the 4-bit base the policy starts from
+        net = apply_lora(net, lora, base=model, device=_device(train_config), seed=train_config.seed)
     print(f"prompt style {style.name}\n{prefs.summary()}")
     train_batches = PairLoader(prefs.train, data.batching, data.batch_size, data.max_length, tokenizer.pad_id,
                                shuffle=True, seed=data.seed)
@@ -387,13 +397,17 @@ def run_dpo(model: str, data: PreferenceDataConfig, loss: PreferenceLossConfig, 
             for split, loader in (("train", train_batches), ("val", val_batches)):
                 if loader is None:
                     continue
-                logps, path, hit = cached_reference_logps(ref, loader, style.name, data.max_length, device, precision,
-                                                          data.cache, fingerprint)
+                with adapters_disabled(ref):  # LoRA: the base model (peft's disable_adapter); else as is
+                    logps, path, hit = cached_reference_logps(ref, loader, style.name, data.max_length, device,
+                                                              precision, data.cache, fingerprint)
                 loader.reference_logps = logps
                 reference_report[f"{split}_cache"] = str(path) if path else None
                 reference_report[f"{split}_cache_hit"] = hit
             print(f"reference log-probs: {reference_report} ({time.perf_counter() - started:.1f} s)")
             reference_net = None  # only the policy stays in memory
+        elif reference_net is None and lora.enabled:  # the base itself, adapters switched off: no second copy
+            net.to(device)
+            reference_net = base_model_reference(net, lambda m, batch: sequence_logps(m, batch)[0])
         else:
             if reference_net is None:
                 reference_net = copy.deepcopy(net)
@@ -405,7 +419,7 @@ def run_dpo(model: str, data: PreferenceDataConfig, loss: PreferenceLossConfig, 
 
     write_config(run_dir, {"task": "dpo", "model": model, "data": {**asdict(data), "style": style.name},
                            "loss": asdict(loss), "reference": asdict(reference), "train": asdict(train_config),
-                           "samples": asdict(samples), "data_report": prefs.report,
+                           "samples": asdict(samples), "lora": asdict(lora), "data_report": prefs.report,
                            "reference_report": reference_report})
     sample_pairs = prefs.val if prefs.val is not None else prefs.train
     sample_prompts = sample_pairs.prompts[:samples.prompts]
@@ -420,7 +434,8 @@ def run_dpo(model: str, data: PreferenceDataConfig, loss: PreferenceLossConfig, 
 
     summary: dict = {"run_dir": str(run_dir)}
     summary.update(train(net, train_config, train_batches, loss_fn, run_dir, val_data=val_batches,
-                         sample_fn=sample_fn if sample_prompts else None, save_final=save_final))
+                         sample_fn=sample_fn if sample_prompts else None, save_final=save_final,
+                         trainable_params=trainable_parameters(net) if lora.enabled else None))
     before = [r for r in read_jsonl(run_dir / METRICS_FILE) if r.get("step") == 0]
     if before:
         summary["val_before"] = {k: v for k, v in before[0].items() if k.startswith("val_")}

@@ -20,8 +20,8 @@ from posttrain.data.formats import records_to_messages
 from posttrain.data.sources import load_records
 from posttrain.data.tokenize import OVERLONG, SFTData, prepare_sft_data
 from posttrain.generate import STYLE_FILE, GenerationConfig, generate_text
-from posttrain.lora import (LoraConfig, apply_lora, check_lora, format_counts, is_lora_model, save_adapter,
-                            trainable_parameters)
+from posttrain.lora import (LoraConfig, apply_lora, check_lora, format_counts, is_lora_model, new_tokens_error,
+                            save_adapter, trainable_parameters)
 from posttrain.models.registry import OFFLINE_DEFAULT
 from posttrain.prompts import LOSS_MODES, STYLES, PromptStyle, resize_model_for_tokenizer
 from posttrain.runlog import METRICS_FILE, write_config
@@ -116,13 +116,11 @@ def run_sft(model: str, data: DataConfig, train_config: TrainConfig, samples: Sa
                                 data.overlong, data.mix_path, data.mix_ratio, cache=data.cache)
     style = sft_data.style
     if resize_model_for_tokenizer(net, tokenizer):
-        if lora.enabled:  # the new rows would stay untrained: the model could never emit its end-of-turn token
-            raise ValueError(f"prompt style {style.name} adds special tokens to the tokenizer, but LoRA keeps the "
-                             f"token embeddings frozen; use a style the tokenizer already has tokens for (alpaca, "
-                             f"or template with the model's own chat template), or full fine-tuning (lora.r 0)")
+        if lora.enabled:  # the new rows would stay untrained (frozen embeddings)
+            raise new_tokens_error(style.name)
         print(f"added special tokens for {style.name}; embeddings resized to {net.config.vocab_size}")
     if lora.enabled:
-        net = apply_lora(net, lora, base=model, device=train_device(train_config))
+        net = apply_lora(net, lora, base=model, device=train_device(train_config), seed=train_config.seed)
     else:
         print(f"full fine-tuning: {format_counts(net)}")
     print(sft_data.summary())
