@@ -366,11 +366,14 @@ def test_the_dpo_reference_is_the_base_without_a_copy(tiny_tokenizer):
     from posttrain.train.dpo import PreferenceLossConfig, preference_loss_fn, sequence_logps
     from posttrain.train.loop import forward_backward
 
-    style = get_style("template", tiny_tokenizer, "response")
+    import copy
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)  # rendering caches a jinja template, which cannot be deep-copied
+    style = get_style("template", tokenizer, "response")
     prefs = [Preference([{"role": "user", "content": f"Q{i}"}], [{"role": "assistant", "content": "yes " * (i + 1)}],
                         [{"role": "assistant", "content": "no" * (i + 1)}]) for i in range(4)]
     pairs = PreferencePairs(tokenize_pairs(prefs, style, max_length=64), [p.prompt for p in prefs])
-    batch = next(PairLoader(pairs, "padding", 4, 64, tiny_tokenizer.pad_id, shuffle=False).epoch(0))
+    batch = next(PairLoader(pairs, "padding", 4, 64, tokenizer.pad_id, shuffle=False).epoch(0))
     original = tiny_llama(tiny_tokenizer)
     policy = apply_lora(tiny_llama(tiny_tokenizer), LoraConfig(r=4, dropout=0.0), verbose=False)
     reference = base_model_reference(policy, lambda m, b: sequence_logps(m, b)[0])

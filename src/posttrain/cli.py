@@ -53,9 +53,11 @@ def run(argv: list[str]):
     from jsonargparse import CLI
 
     from posttrain.predict import positional_text_argv
+    from posttrain.report_html import report_argv
 
-    # `posttrain predict RUN "text"`: jsonargparse makes only required parameters positional
-    return CLI(commands(), args=positional_text_argv(argv), as_positional=True)
+    # `posttrain predict RUN "text"` and `posttrain report A B`: jsonargparse makes only required
+    # parameters positional, and reads a list positional only as one list
+    return CLI(commands(), args=report_argv(positional_text_argv(argv)), as_positional=True)
 
 
 def parser():

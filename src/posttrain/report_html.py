@@ -218,7 +218,7 @@ def metric_rows(runs: Sequence[RunData]) -> list[list]:
             put(f"{split}: responses/s", i, data.get("responses_per_s"))
             put(f"{split}: examples", i, data.get("examples"))
         for judge in run.judges:
-            label = f"judge {judge.get('prompt')} by {judge.get('judge')} ({judge['file']})"
+            label = f"judge {Path(str(judge.get('prompt'))).name} by {judge.get('judge')} ({judge['file']})"
             mean, stderr = judge.get("mean"), judge.get("stderr")
             put(f"{label}: mean ± stderr", i, None if mean is None else
                 f"{mean:.2f} ± {stderr:.2f}" if stderr is not None else f"{mean:.2f}")
@@ -231,7 +231,11 @@ def metric_rows(runs: Sequence[RunData]) -> list[list]:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and "stderr" not in key:
                     put(f"lm-eval {task}: {key.split(',')[0]}", i, value)
-    return [[name, *values] for name, values in table.items()]
+    def rank(name: str) -> int:  # training first, then automatic metrics, judges, benchmarks
+        return next((i for i, p in enumerate(("train:", "", "judge ", "choice ", "lm-eval ")) if p and
+                     name.startswith(p)), 1)
+
+    return [[name, *values] for name, values in sorted(table.items(), key=lambda kv: rank(kv[0]))]
 
 
 def _is_dpo(key: str) -> bool:
@@ -339,7 +343,7 @@ def judge_plots(runs: Sequence[RunData]) -> list[tuple[str, str]]:
     scales: dict[tuple, tuple[int, int]] = {}
     for run in runs:
         for judge in run.judges:
-            key = (judge.get("prompt"), judge.get("judge"), judge["file"])
+            key = (Path(str(judge.get("prompt"))).name, judge.get("judge"), judge["file"])
             groups.setdefault(key, {})[run.name] = judge["scores"]
             scales[key] = tuple(judge.get("scale") or (0, 100))
     out = []
