@@ -129,6 +129,18 @@ def test_bad_options_are_named(config, message):
         check_lora(config)
 
 
+@pytest.mark.parametrize("init", ["default", "gaussian", "orthogonal"])
+def test_every_init_starts_as_the_base_model(make_tiny_model, init):
+    base = make_tiny_model("llama").eval()
+    with torch.no_grad():
+        expected = base(X)
+    wrapped = apply_lora(base, LoraConfig(r=4, init=init, variant="dora"), verbose=False).eval()
+    a = wrapped.get_base_model().model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    assert a.abs().sum() > 0  # random A (orthogonal: B too, with B @ A = 0)
+    with torch.no_grad():
+        assert (wrapped(X) - expected).abs().max() <= 1e-5
+
+
 # -- the numbers: merge, transformers --------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "llama3"])
@@ -308,6 +320,16 @@ def test_a_lora_run_loads_merged_and_merges_to_a_plain_directory(lora_run, tmp_p
         assert (again(X) - ref).abs().max() <= tolerance
 
 
+def test_generate_answers_from_a_lora_run_in_its_prompt_style(lora_run, capsys):
+    from posttrain.generate import generate_command
+
+    run_dir, _, _ = lora_run
+    final = [s for s in read_jsonl(run_dir / "samples.jsonl") if s["step"] == LORA_STEPS]
+    capsys.readouterr()
+    generate_command(str(run_dir), final[0]["prompt"], max_new_tokens=4, chat=True)  # alpaca, from posttrain.json
+    assert capsys.readouterr().out == final[0]["response"] + "\n"
+
+
 def test_merge_of_a_full_model_run_says_to_export(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["merge", str(tiny_model_dir), str(tmp_path / "out")])
@@ -328,13 +350,23 @@ def test_qlora_on_a_cpu_is_a_clear_error_before_loading(tmp_path, capsys):
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
+@pytest.mark.parametrize("command", ["dpo", "classify"])
+def test_qlora_on_a_cpu_is_refused_by_every_trainer(tmp_path, make_tiny_model, command):
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        apply_lora(make_tiny_model("gpt2"), LoraConfig(r=4, quantize="nf4"), device="cpu")
+    args = [command, "--model", str(tmp_path / "not-loaded"), "--lora.r", "8", "--lora.quantize", "nf4",
+            "--train.device", "cpu", "--run_dir", str(tmp_path / "run"), "--data.path", str(tmp_path / "none.json")]
+    with pytest.raises(ValueError, match="lora.quantize \\(QLoRA\\) needs a CUDA GPU"):
+        cli.run(args)
+
+
 def test_qlora_without_bitsandbytes_says_how_to_install_it():
     try:
         import bitsandbytes  # noqa: F401
         pytest.skip("bitsandbytes is installed")
     except ImportError:
         pass
-    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+    with pytest.raises(ValueError, match="needs bitsandbytes, which is not installed.*pip install bitsandbytes"):
         require_bitsandbytes()
 
 
@@ -354,7 +386,7 @@ def test_lora_with_a_style_that_adds_tokens_is_refused(tmp_path, gpt2_tokenizer)
 
 # -- DPO: the reference is the base with the adapters switched off ------------------------------------
 
-def test_the_dpo_reference_is_the_base_without_a_copy(tiny_tokenizer):
+def test_the_dpo_reference_is_the_base_without_a_copy(tiny_tokenizer, tmp_path):
     """base_model_reference gives the untouched base's log-probs after the adapters trained, from the
     one model in memory (peft's disable_adapter), while the policy's own log-probs moved."""
     from test_dpo import tiny_llama
@@ -366,9 +398,10 @@ def test_the_dpo_reference_is_the_base_without_a_copy(tiny_tokenizer):
     from posttrain.train.dpo import PreferenceLossConfig, preference_loss_fn, sequence_logps
     from posttrain.train.loop import forward_backward
 
-    import copy
+    from posttrain.tokenizer import Tokenizer
 
-    tokenizer = copy.deepcopy(tiny_tokenizer)  # rendering caches a jinja template, which cannot be deep-copied
+    tiny_tokenizer.save(tmp_path)  # a private copy: rendering caches a jinja template in the shared one, and
+    tokenizer = Tokenizer.from_dir(tmp_path)  # test_dpo deep-copies that one (templates cannot be)
     style = get_style("template", tokenizer, "response")
     prefs = [Preference([{"role": "user", "content": f"Q{i}"}], [{"role": "assistant", "content": "yes " * (i + 1)}],
                         [{"role": "assistant", "content": "no" * (i + 1)}]) for i in range(4)]

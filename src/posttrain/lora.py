@@ -26,7 +26,9 @@ precision (the run's adapter is reloaded onto it), never from the 4-bit copy.
 A run's `model/` folder then holds the adapter (PEFT format), the tokenizer, posttrain.json (prompt
 style) and posttrain_adapter.json (what posttrain loads the base from); `posttrain.weights.load`
 reads it as base + adapter, merged; `posttrain merge RUN OUT` writes the merged model as a plain
-Hugging Face directory. Training checkpoints hold the adapter (and a classifier's head) only.
+Hugging Face directory. Training checkpoints hold the adapter (and a classifier's head) only. A
+classification run trains its new head in full beside the adapters (peft's modules_to_save) and
+saves the merged classifier.
 
 peft is imported where it is used (it takes seconds), so importing this module stays light.
 """
@@ -325,12 +327,14 @@ def require_cuda_for_qlora(device: torch.device | str) -> None:
 
 
 def require_bitsandbytes():
-    """bitsandbytes, or an ImportError that says how to get it."""
+    """bitsandbytes, or a ValueError (a setting this environment cannot run: the CLI's one-line error)
+    that says how to get it."""
     try:
         import bitsandbytes
     except ImportError as e:
-        raise ImportError(f"lora.quantize (QLoRA) needs bitsandbytes, which is not installed ({e}): "
-                          f"pip install bitsandbytes (CUDA), or drop --lora.quantize for plain LoRA") from None
+        raise ValueError(f"lora.quantize (QLoRA) needs bitsandbytes, which is not installed ({e}): "
+                         f"pip install bitsandbytes (or posttrain[qlora]), or drop --lora.quantize for plain "
+                         f"LoRA") from None
     return bitsandbytes
 
 

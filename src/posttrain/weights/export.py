@@ -108,7 +108,8 @@ def export_command(model_or_run: str, out_dir: str, dtype: str = "float32") -> P
     """Export a model or a run as a Hugging Face directory (transformers, lm-eval, vLLM load it).
 
     Args:
-        model_or_run: preset alias, hub id, local directory, run directory (runs/<name>) or .gguf file.
+        model_or_run: preset alias, hub id, local directory, run directory (runs/<name>) or .gguf file;
+            a LoRA run is written merged (its adapter folded into the base, as `posttrain merge`).
         out_dir: where to write the directory (replaced atomically if it holds a model already).
         dtype: float32, bfloat16 or float16.
     """
