@@ -12,7 +12,7 @@ bf16-mixed autocast on CUDA (fp32 on CPU). The modes:
 One JSON line per (size, mode), timed over the steps after WARMUP:
   tok_per_s        input tokens per second (BATCH x SEQ per step, no padding)
   step_ms          milliseconds per optimizer step
-  peak_gib         torch.cuda.max_memory_allocated over the timed and warm-up steps, weights included (CUDA)
+  peak_gib         torch.cuda.max_memory_allocated over the warm-up and timed steps, weights included (CUDA)
   weights_gib      memory allocated by the model before the first step (CUDA): the 4-bit saving shows here
   trainable, params  trainable and total parameters (posttrain.lora.parameter_counts)
 
@@ -90,7 +90,6 @@ def run(size: str, mode: str, device: torch.device) -> dict:
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device) if cuda else 0
     torch.manual_seed(0)
     config = model_config(size)
@@ -102,6 +101,9 @@ def run(size: str, mode: str, device: torch.device) -> dict:
         model = apply_lora(model, lora, base=size, device=device, verbose=False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     weights = (torch.cuda.memory_allocated(device) - before) if cuda else 0
+    if cuda:  # from here: training (QLoRA's fp32 copy before quantization is not what training needs)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     model.train()
     optimizer = build_optimizer(param_groups(model, 0.0, trainable), lr=1e-4)  # fused AdamW on CUDA
     if compile_blocks:

@@ -197,6 +197,18 @@ def test_adapter_loads_with_peft_onto_transformers_model(make_tiny_model, tiny_t
     assert (theirs - ours).abs().max() <= 1e-5
 
 
+def test_the_base_is_named_for_transformers_and_for_posttrain(tmp_path, tiny_model_dir):
+    from posttrain.lora import hf_base
+
+    assert hf_base("gpt2-medium") == ("gpt2-medium", "openai-community/gpt2-medium")
+    assert hf_base("smollm2-135m-instruct") == ("smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert hf_base("someone/model") == ("someone/model", "someone/model")
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)  # a run directory: transformers reads its model/ folder
+    assert hf_base(str(run)) == (str(run.resolve()), str(run.resolve() / "model"))
+    assert hf_base(str(tiny_model_dir)) == (str(tiny_model_dir.resolve()),) * 2
+
+
 # -- training ----------------------------------------------------------------------------------------
 
 def test_training_moves_adapters_only_and_checkpoints_hold_them(tmp_path, make_tiny_model):

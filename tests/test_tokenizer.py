@@ -182,3 +182,13 @@ def test_load_tokenizer_from_hub_cache_and_run_dir(tiny_model_dir, tiny_tokenize
         tok = load_tokenizer(name)
         assert tok.render_chat(CHAT) == tiny_tokenizer.render_chat(CHAT), name
         assert (tok.eos_id, tok.pad_id) == (258, 256)
+
+
+def test_tokenizer_copies_after_rendering_a_chat_template(tiny_tokenizer):
+    import copy
+    import pickle
+
+    messages = [{"role": "user", "content": "hi"}]
+    expected = tiny_tokenizer.render_chat(messages, add_generation_prompt=True)
+    for clone in (copy.deepcopy(tiny_tokenizer), pickle.loads(pickle.dumps(tiny_tokenizer))):
+        assert clone.render_chat(messages, add_generation_prompt=True) == expected

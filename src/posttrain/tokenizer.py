@@ -128,6 +128,10 @@ class Tokenizer:
             backend.add_special_tokens(added)
         return [self.token_id(t) for t in tokens]
 
+    def __getstate__(self) -> dict:
+        # A compiled jinja Template can be neither copied nor pickled: drop it, it is rebuilt on use.
+        return {**self.__dict__, "_compiled": None}
+
     # -- chat templates -------------------------------------------------------------------------
 
     def _template(self):
