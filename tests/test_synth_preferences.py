@@ -303,7 +303,9 @@ def test_other_styles_chat_records_and_bad_input(scripted_rewriter, tmp_path):
     template = "Rewrite `{output}` (asked: `{prompt}`) to be more {style}. correct output `{output}`"
     synth_preferences(str(data), str(out), base_url=url, model="m", progress=False, template=template,
                       chosen_style="concise", rejected_style="impolite")
-    assert "more concise" in calls[0] + calls[1] and "asked: `system: Be kind.\nuser: number 7. Hi`" in calls[0]
+    # requests run concurrently: they may reach the server in any order
+    assert any("more concise" in c for c in calls)
+    assert any("asked: `system: Be kind.\nuser: number 7. Hi`" in c for c in calls)
     rows = lines(out)
     assert rows[0]["messages"] == chats[0]["messages"][:2] and rows[0]["id"] == "a"
     assert rows[1]["prompt"] == "number 8. Bye" and rows[1]["rejected"] == "Ugh. Goodbye."
