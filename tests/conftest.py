@@ -24,6 +24,7 @@ Real assets (skip when the package that ships them is absent):
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -198,3 +199,51 @@ def shared_data_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"real data directory {path} is absent")
     return path
+
+
+# -- a real `posttrain serve` subprocess ---------------------------------------------------------
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(model_dir, log_dir, *args: str, env: dict | None = None):
+    """`posttrain serve MODEL_DIR` on a free 127.0.0.1 port until the block ends; yields its URL.
+
+    Fails the test with the server's log when it exits or does not answer /health within 120 s."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = free_port()
+    with open(Path(log_dir) / "server.log", "w+") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "serve", str(model_dir), "--port", str(port),
+                                 "--device", "cpu", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                log.seek(0)
+                proc.kill()
+                pytest.fail(f"server did not start:\n{log.read()}")
+            time.sleep(0.2)
+        try:
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()

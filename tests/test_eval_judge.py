@@ -20,17 +20,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import free_port, running_server
 
 from posttrain.eval.judge import (EndpointError, JudgePrompt, chat_url, judge_command, load_prompt, parse_score,
                                   read_judged)
 
 MODEL = "judge-model"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class FakeJudge:
@@ -285,28 +280,9 @@ def test_bad_responses_file_and_mismatched_output(tmp_path):
 
 @pytest.fixture(scope="module")
 def posttrain_server(tiny_model_dir, tmp_path_factory):
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("judge-log") / "server.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "serve", str(tiny_model_dir), "--port", str(port),
-                             "--name", "tiny-judge", "--device", "cpu", "--max_batch", "4"],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            log.seek(0)
-            proc.kill()
-            pytest.fail(f"server did not start:\n{log.read()}")
-        time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=15)
-    log.close()
+    with running_server(tiny_model_dir, tmp_path_factory.mktemp("judge-log"), "--name", "tiny-judge",
+                        "--max_batch", "4") as url:
+        yield url
 
 
 def test_posttrain_serve_as_judge(posttrain_server, tmp_path):

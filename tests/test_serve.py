@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+from conftest import free_port, running_server
 import torch
 
 from posttrain.generate import GenerationConfig, encode_prompt, generate_batch, render_prompt, reply_stops
@@ -25,12 +26,6 @@ NAME = "tiny-gpt2"
 CONTEXT = 96
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -48,33 +43,11 @@ def served(tmp_path_factory, gpt2_tokenizer):
     directory = save_pretrained(model, tokenizer, tmp_path_factory.mktemp("served") / "model")
     model, tokenizer = load(directory)
 
-    port = free_port()
     env = {**os.environ, "POSTTRAIN_TEST_KEY": KEY}
-    log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "serve", str(directory), "--port", str(port),
-                             "--name", NAME, "--api_key_env", "POSTTRAIN_TEST_KEY", "--max_tokens_limit", "64",
-                             "--max_batch", "4", "--max_body_bytes", "20000", "--device", "cpu"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            log.seek(0)
-            proc.kill()
-            pytest.fail(f"server did not start:\n{log.read()}")
-        time.sleep(0.2)
-    yield url, model, tokenizer
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with running_server(directory, tmp_path_factory.mktemp("log"), "--name", NAME, "--api_key_env",
+                        "POSTTRAIN_TEST_KEY", "--max_tokens_limit", "64", "--max_batch", "4",
+                        "--max_body_bytes", "20000", env=env) as url:
+        yield url, model, tokenizer
 
 
 @pytest.fixture(scope="module")

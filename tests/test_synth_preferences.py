@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
+from conftest import free_port, running_server
 import torch
 
 from posttrain import cli
@@ -33,13 +34,6 @@ N_RECORDS, MAX_TOKENS = 40, 12
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def instruction_records(n: int) -> list[dict]:
     return [{"instruction": f"Name a colour number {i}.", "input": "" if i % 2 else f"hint {i}",
              "output": f"Colour {i} is blue."} for i in range(n)]
@@ -57,31 +51,8 @@ def server(tmp_path_factory, gpt2_tokenizer):
             if p.dim() == 2:
                 p.mul_(8.0)
     directory = save_pretrained(model, tokenizer, tmp_path_factory.mktemp("rewriter") / "model")
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "serve", str(directory), "--port", str(port),
-                             "--name", NAME, "--max_batch", "8", "--device", "cpu"],
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            log.seek(0)
-            proc.kill()
-            pytest.fail(f"server did not start:\n{log.read()}")
-        time.sleep(0.1)
-    yield url + "/v1"
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with running_server(directory, tmp_path_factory.mktemp("log"), "--name", NAME, "--max_batch", "8") as url:
+        yield url + "/v1"
 
 
 @pytest.fixture(scope="module")
