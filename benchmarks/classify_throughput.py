@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 
 import numpy as np
@@ -48,15 +47,7 @@ from posttrain.train.loop import _autocast, _compile_blocks, _resolve_precision,
 from posttrain.train.losses import count_units
 from posttrain.train.optim import build_optimizer, param_groups
 
-PAD_ID = 50256  # GPT-2's <|endoftext|>
-SIZES = {"tiny": dict(n_layer=2, n_head=4, n_embd=64),
-         "124M": dict(n_layer=12, n_head=12, n_embd=768),
-         "355M": dict(n_layer=24, n_head=16, n_embd=1024)}
-
-
-def env_int(name: str, default: int | None) -> int | None:
-    value = os.environ.get(name, "")
-    return int(value) if value.strip() else default
+from common import GPT2_SIZES, PAD_ID, bench_device, env_int, env_list, machine_name, print_guarded
 
 
 def sms_like(n: int, max_length: int, seed: int = 0) -> tuple[list[np.ndarray], list[int]]:
@@ -68,7 +59,7 @@ def sms_like(n: int, max_length: int, seed: int = 0) -> tuple[list[np.ndarray], 
 
 def build(size: str, max_length: int, device: torch.device, precision: str) -> GPT2:
     torch.manual_seed(0)
-    model = GPT2(GPT2Config(n_positions=max(max_length, 1024), **SIZES[size]))
+    model = GPT2(GPT2Config(n_positions=max(max_length, 1024), **GPT2_SIZES[size]))
     add_classification_head(model, 2)
     model.to(device)
     if precision == "bf16-true":
@@ -149,20 +140,14 @@ def bench_predict(size: str, ids, device: torch.device) -> dict:
 
 
 def main() -> None:
-    name = os.environ.get("DEVICE", "auto")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-    sizes = [s.strip() for s in os.environ.get("SIZES", "124M,355M").split(",") if s.strip()]
-    policies = [s.strip() for s in os.environ.get("TRAINABLE", "last-k,all").split(",") if s.strip()]
+    device = bench_device()
     ids, labels = sms_like(env_int("N_EX", 2000), env_int("MAX_LENGTH", 256))
-    print(json.dumps({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-                      or "cpu", "torch": torch.__version__, "examples": len(ids),
+    print(json.dumps({"device": machine_name(device), "torch": torch.__version__, "examples": len(ids),
                       "mean_tokens": round(float(np.mean([len(x) for x in ids])), 1)}), flush=True)
-    for size in sizes:
-        for policy in policies:
-            print(json.dumps(bench_train(size, policy, ids, labels, device)), flush=True)
-        print(json.dumps(bench_predict(size, ids, device)), flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    for size in env_list("SIZES", "124M,355M"):
+        for policy in env_list("TRAINABLE", "last-k,all"):
+            print_guarded(lambda: bench_train(size, policy, ids, labels, device), device, size=size, trainable=policy)
+        print_guarded(lambda: bench_predict(size, ids, device), device, size=size, trainable="predict")
 
 
 if __name__ == "__main__":

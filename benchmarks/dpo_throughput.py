@@ -55,10 +55,8 @@ import copy
 import importlib.util
 import json
 import os
-import platform
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -74,28 +72,7 @@ from posttrain.train.loop import _autocast, _compile_blocks, _resolve_precision,
 from posttrain.train.losses import count_units
 from posttrain.train.optim import build_optimizer, param_groups
 
-REPO = Path(__file__).resolve().parents[1]
-SIZES = {"tiny": dict(n_layer=2, n_head=4, n_embd=64),
-         "124M": dict(n_layer=12, n_head=12, n_embd=768),
-         "355M": dict(n_layer=24, n_head=16, n_embd=1024)}
-
-
-def env_int(name: str, default: int | None) -> int | None:
-    value = os.environ.get(name, "")
-    return int(value) if value.strip() else default
-
-
-def peer_make_pairs():
-    """`make_pairs` of the peer's peer_dpo.py, so both sides train on identical text."""
-    folder = Path(os.environ.get("PEER_BENCH_DIR", "../shared/bench"))
-    path = (folder if folder.is_absolute() else REPO / folder) / "peer_dpo.py"
-    if not path.is_file():
-        sys.exit(f"{path} not found: set PEER_BENCH_DIR to the folder holding the peer's peer_dpo.py "
-                 f"(default ../shared/bench; on the GPU machine the carried .bench)")
-    spec = importlib.util.spec_from_file_location("peer_dpo", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # defines functions only; trl/transformers are imported inside them
-    return module.make_pairs
+from common import GPT2_SIZES, REPO, bench_device, env_int, env_list, machine_name, peer_function, print_guarded
 
 
 def gpt2_tokenizer():
@@ -116,7 +93,7 @@ def gpt2_tokenizer():
 def tokenized_pairs(n: int, max_length: int) -> tuple[PreferencePairs, object]:
     tokenizer = gpt2_tokenizer()
     prefs = [Preference([{"role": "user", "content": p["prompt"]}], [{"role": "assistant", "content": p["chosen"]}],
-                        [{"role": "assistant", "content": p["rejected"]}]) for p in peer_make_pairs()(n)]
+                        [{"role": "assistant", "content": p["rejected"]}]) for p in peer_function("peer_dpo.py", "make_pairs")(n)]
     sequences = tokenize_pairs(prefs, get_style("plain", tokenizer, "response"), max_length, "truncate")
     return PreferencePairs(sequences), tokenizer
 
@@ -134,7 +111,7 @@ def run(size: str, mode: str, reference: str, pairs: PreferencePairs, pad_id: in
     lengths = pairs.lengths.sum(axis=1)
 
     torch.manual_seed(0)
-    model = GPT2(GPT2Config(n_positions=max_length, **SIZES[size])).to(device)
+    model = GPT2(GPT2Config(n_positions=max_length, **GPT2_SIZES[size])).to(device)
     if precision == "bf16-true":
         model.to(torch.bfloat16)
     cuda = device.type == "cuda"
@@ -193,29 +170,19 @@ def run(size: str, mode: str, reference: str, pairs: PreferencePairs, pad_id: in
 
 
 def main() -> None:
-    device = torch.device(os.environ.get("DEVICE", "auto") if os.environ.get("DEVICE", "auto") != "auto"
-                          else "cuda" if torch.cuda.is_available() else "cpu")
+    device = bench_device()
     n, max_length = env_int("N_PAIRS", 2000), env_int("MAX_LENGTH", 1024)
     pairs, tokenizer = tokenized_pairs(n, max_length)
     total = int(pairs.lengths.sum())
     print(json.dumps(dict(pairs=len(pairs), tokens=total, mean_pair_tokens=round(total / len(pairs), 1),
                           response_tokens=pairs.num_response_tokens(), truncated=pairs.stats.get("truncated", 0),
-                          device=torch.cuda.get_device_name(device) if device.type == "cuda"
-                          else platform.processor() or platform.machine(),
-                          torch=torch.__version__, threads=torch.get_num_threads())), flush=True)
-    for size in os.environ.get("SIZES", "124M,355M").split(","):
-        for mode in os.environ.get("MODES", "padding,packed").split(","):
-            for reference in os.environ.get("REFERENCE", "memory,cached").split(","):
-                try:
-                    print(json.dumps(run(size, mode, reference, pairs, tokenizer.pad_id, device)), flush=True)
-                except Exception as e:  # one failing configuration must not hide the others' figures
-                    traceback.print_exc()
-                    print(json.dumps(dict(tool="posttrain", size=size, mode=mode, reference=reference,
-                                          error=repr(e)[:400])), flush=True)
-                finally:
-                    torch._dynamo.reset()
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                          device=machine_name(device), torch=torch.__version__, threads=torch.get_num_threads())),
+          flush=True)
+    for size in env_list("SIZES", "124M,355M"):
+        for mode in env_list("MODES", "padding,packed"):
+            for reference in env_list("REFERENCE", "memory,cached"):
+                print_guarded(lambda: run(size, mode, reference, pairs, tokenizer.pad_id, device), device,
+                              size=size, mode=mode, reference=reference)
 
 
 if __name__ == "__main__":

@@ -39,9 +39,7 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
-import traceback
 
 import torch
 import torch.nn as nn
@@ -54,15 +52,12 @@ from posttrain.train.loop import _autocast, _compile_blocks, _resolve_precision,
 from posttrain.train.losses import count_units, sft_loss
 from posttrain.train.optim import build_optimizer, param_groups
 
+from common import bench_device, env_int, env_list, machine_name, print_guarded
+
 TINY = {"tiny-gpt2": GPT2Config(vocab_size=512, n_positions=1024, n_embd=64, n_layer=2, n_head=4),
         "tiny-llama": LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)}
 MODES = ("full", "lora", "qlora")
-
-
-def env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "")
-    return int(value) if value.strip() else default
 
 
 def model_config(size: str):
@@ -152,28 +147,18 @@ def qlora_unavailable(device: torch.device) -> str | None:
 
 
 def main() -> None:
-    name = os.environ.get("DEVICE", "auto")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    device = bench_device()
     import peft
 
-    print(json.dumps(dict(device=torch.cuda.get_device_name(device) if device.type == "cuda"
-                          else platform.processor() or platform.machine(), torch=torch.__version__,
-                          peft=peft.__version__, threads=torch.get_num_threads())), flush=True)
-    for size in os.environ.get("SIZES", "gpt2-medium,smollm2-135m,smollm2-360m").split(","):
-        for mode in os.environ.get("MODES", ",".join(MODES)).split(","):
+    print(json.dumps(dict(device=machine_name(device), torch=torch.__version__, peft=peft.__version__,
+                          threads=torch.get_num_threads())), flush=True)
+    for size in env_list("SIZES", "gpt2-medium,smollm2-135m,smollm2-360m"):
+        for mode in env_list("MODES", ",".join(MODES)):
             why = qlora_unavailable(device) if mode == "qlora" else None
             if why:  # QLoRA needs CUDA and bitsandbytes: say so and go on with the other figures
                 print(json.dumps(dict(tool="posttrain", size=size, mode=mode, skipped=why)), flush=True)
                 continue
-            try:
-                print(json.dumps(run(size, mode, device)), flush=True)
-            except Exception as e:  # one failing configuration must not hide the others' figures
-                traceback.print_exc()
-                print(json.dumps(dict(tool="posttrain", size=size, mode=mode, error=repr(e)[:400])), flush=True)
-            finally:
-                torch._dynamo.reset()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+            print_guarded(lambda: run(size, mode, device), device, size=size, mode=mode)
 
 
 if __name__ == "__main__":

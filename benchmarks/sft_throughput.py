@@ -43,14 +43,9 @@ training modules import; PYTHONPATH=src stands in for installing the package.)
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import platform
-import sys
 import time
-import traceback
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -64,30 +59,7 @@ from posttrain.train.loop import _autocast, _compile_blocks, _resolve_precision,
 from posttrain.train.losses import count_units, sft_loss
 from posttrain.train.optim import build_optimizer, param_groups
 
-REPO = Path(__file__).resolve().parents[1]
-PEAK_FLOPS = 790e12  # H100 bf16 matrix product, measured beside the peers (../shared/bench/README.md)
-PAD_ID = 50256  # GPT-2's <|endoftext|>, the peers' pad token
-SIZES = {"tiny": dict(n_layer=2, n_head=4, n_embd=64),
-         "124M": dict(n_layer=12, n_head=12, n_embd=768),
-         "355M": dict(n_layer=24, n_head=16, n_embd=1024)}
-
-
-def env_int(name: str, default: int | None) -> int | None:
-    value = os.environ.get(name, "")
-    return int(value) if value.strip() else default
-
-
-def peer_make_examples():
-    """`make_examples` of the peers' peer_sft.py, so both sides train on identical data."""
-    folder = Path(os.environ.get("PEER_BENCH_DIR", "../shared/bench"))
-    path = (folder if folder.is_absolute() else REPO / folder) / "peer_sft.py"
-    if not path.is_file():
-        sys.exit(f"{path} not found: set PEER_BENCH_DIR to the folder holding the peers' peer_sft.py "
-                 f"(default ../shared/bench; on the GPU machine the carried .bench)")
-    spec = importlib.util.spec_from_file_location("peer_sft", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # defines functions only; trl/transformers are imported inside them
-    return module.make_examples
+from common import GPT2_SIZES, PAD_ID, PEAK_FLOPS, bench_device, env_int, env_list, machine_name, peer_function, print_guarded
 
 
 def item_counts(loader: BatchLoader) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +85,7 @@ def run(size: str, mode: str, dataset: TokenizedDataset, device: torch.device) -
     real, pairs = item_counts(loader)
 
     torch.manual_seed(0)
-    config = GPT2Config(n_positions=max_length, **SIZES[size])
+    config = GPT2Config(n_positions=max_length, **GPT2_SIZES[size])
     model = GPT2(config).to(device)
     if precision == "bf16-true":
         model.to(torch.bfloat16)
@@ -161,28 +133,18 @@ def run(size: str, mode: str, dataset: TokenizedDataset, device: torch.device) -
 
 
 def main() -> None:
-    name = os.environ.get("DEVICE", "auto")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    device = bench_device()
     n = env_int("N_EX", 4000)
-    examples = peer_make_examples()(n)
+    examples = peer_function("peer_sft.py", "make_examples")(n)
     dataset = TokenizedDataset.from_examples(
         [(e["input_ids"], [bool(f) for f in e["completion_mask"]]) for e in examples])
     total = int(dataset.lengths.sum())
     print(json.dumps(dict(examples=n, tokens=total, mean_len=round(total / n, 1), target_tokens=dataset.num_targets(),
-                          device=torch.cuda.get_device_name(device) if device.type == "cuda"
-                          else platform.processor() or platform.machine(),
-                          torch=torch.__version__, threads=torch.get_num_threads())), flush=True)
-    for size in os.environ.get("SIZES", "124M,355M").split(","):
-        for mode in os.environ.get("MODES", "padding,packed").split(","):
-            try:
-                print(json.dumps(run(size, mode, dataset, device)), flush=True)
-            except Exception as e:  # one failing configuration must not hide the others' figures
-                traceback.print_exc()
-                print(json.dumps(dict(tool="posttrain", size=size, mode=mode, error=repr(e)[:400])), flush=True)
-            finally:
-                torch._dynamo.reset()  # compiled blocks of one model must not pile up across configurations
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                          device=machine_name(device), torch=torch.__version__, threads=torch.get_num_threads())),
+          flush=True)
+    for size in env_list("SIZES", "124M,355M"):
+        for mode in env_list("MODES", "padding,packed"):
+            print_guarded(lambda: run(size, mode, dataset, device), device, size=size, mode=mode)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from posttrain.models.llama import LlamaConfig
 from posttrain.models.registry import PRESETS, build_model
 from posttrain.runlog import read_jsonl
 from posttrain.train.classify import (ClassificationBatches, ClassifyDataConfig, EvalConfig, HeadConfig,
-                                      check_options, classification_loss, classify, classify_train_config, collate)
+                                      check_options, classification_loss, classify, classify_train_config, collate,
+                                      fixed_length)
 from posttrain.train.loop import TrainConfig
 from posttrain.weights import save_pretrained
 
@@ -65,13 +66,15 @@ def quick_train(**overrides) -> TrainConfig:
                                                "tensorboard": False, "device": "cpu", **overrides})
 
 
-def train_tiny_run(tokenizer, tmp: Path, kind: str = "gpt2", n: int = 200, epochs: int = 2, **data
-                   ) -> tuple[Path, dict]:
+def train_tiny_run(tokenizer, tmp: Path, kind: str = "gpt2", n: int = 200, epochs: int = 2,
+                   pooling: str = "last-nonpad", **data) -> tuple[Path, dict]:
+    """A tiny classifier run on separable data, evaluated every 6 steps (the best checkpoint is chosen)."""
     model_dir = save_tiny(kind, tokenizer, tmp / f"tiny-{kind}")
     path = write_jsonl(tmp / "data.jsonl", separable_records(n))
     run = tmp / "run"
     summary = classify(str(model_dir), ClassifyDataConfig(path=str(path), max_length=64, **data),
-                       HeadConfig(trainable="all"), quick_train(epochs=epochs), EvalConfig(), run_dir=str(run))
+                       HeadConfig(trainable="all", pooling=pooling), quick_train(epochs=epochs, eval_every=6),
+                       EvalConfig(), run_dir=str(run))
     return run, summary
 
 
@@ -130,6 +133,16 @@ def test_batches_are_padded_to_their_longest_example():
         collate(ids, 99, "middle")
 
 
+def test_pooling_last_with_right_padding_pads_every_row_to_the_longest_training_text():
+    ids = [np.arange(1, n + 1) for n in (3, 7, 2)]
+    assert fixed_length(ids, "last", "right") == 7
+    assert fixed_length(ids, "last", "left") is None and fixed_length(ids, "last-nonpad", "right") is None
+    batches = ClassificationBatches(ids[::2], [0, 1], batch_size=2, pad_id=99, pad_to=7)
+    batch = next(batches.epoch(0))
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 99, 99, 99, 99], [1, 2, 99, 99, 99, 99, 99]]
+    assert batch["attention_mask"].sum(dim=1).tolist() == [3, 2]
+
+
 def test_examples_seen_per_step():
     batches = ClassificationBatches([np.ones(2)] * 10, [0] * 10, batch_size=4, pad_id=0)  # batches 4, 4, 2
     assert batches.examples_seen(grad_accum=1, steps=5) == [0, 4, 8, 10, 14, 18]
@@ -176,7 +189,19 @@ def test_separable_data_reaches_95_percent_and_writes_a_complete_run(tiny_tokeni
     predictions = read_jsonl(run / "test_predictions.jsonl")
     assert len(predictions) == 40
     assert sum(p["label"] == p["prediction"] for p in predictions) / 40 == results["after"]["test"]["accuracy"]
+    # the split's loss by hand: the mean of -log p(true label)
+    hand_loss = sum(-np.log(p["probabilities"][p["label"]]) for p in predictions) / 40
+    assert results["after"]["test"]["loss"] == pytest.approx(hand_loss, rel=1e-4)
     rows = read_jsonl(run / "metrics.jsonl")
+    # best checkpoint by val accuracy: the first evaluation with the highest val accuracy, and its weights are final
+    evaluated = [r for r in rows if r["step"] > 0 and "val_accuracy" in r]
+    assert len(evaluated) == 6  # every 6 of the 36 steps
+    best = max(r["val_accuracy"] for r in evaluated)
+    best_step = next(r["step"] for r in evaluated if r["val_accuracy"] == best)
+    assert summary["best_step"] == best_step and summary["final_weights"].startswith(f"best (step {best_step},")
+    assert results["after"]["val"]["accuracy"] == best
+    assert results["after"]["val"]["loss"] == pytest.approx(next(r["val_loss"] for r in evaluated
+                                                                  if r["step"] == best_step), rel=1e-5)
     assert rows[0]["step"] == 0 and rows[0]["val_accuracy"] == results["before"]["val"]["accuracy"]
     assert rows[-1]["step"] == 36 and rows[-1]["examples_seen"] == 280  # 2 epochs of 140 in 18 batches each
     assert all("examples_seen" in r for r in rows) and "val_accuracy" in rows[-1] and "accuracy" in rows[-1]

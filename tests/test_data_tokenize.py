@@ -85,6 +85,16 @@ def test_cache_hits_and_misses(tok, tmp_path):
     assert len(list(tmp_path.iterdir())) == 6
 
 
+def test_unwritable_cache_warns_and_tokenizes_anyway(tok, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")  # the cache folder cannot be created under a file
+    examples = [chat("What is 2+2?", "4")]
+    style = get_style("alpaca", tok, "response")
+    with pytest.warns(UserWarning, match="could not cache tokenized data .*continuing without the cache"):
+        ds = tokenize_messages_cached(examples, style, 64, cache=blocker / "cache")
+    assert ds.ids.tolist() == style.render(examples[0])[0] and blocker.read_text() == "x"
+
+
 def test_dataset_save_load_roundtrip(tmp_path):
     ds = TokenizedDataset.from_examples([([1, 2, 3], [False, True, True]), ([4], [True])], {"examples": 2})
     ds.save(tmp_path / "d.safetensors")

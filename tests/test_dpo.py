@@ -264,7 +264,15 @@ def test_cached_reference_logps_equal_recomputed_ones(pairs, tiny_tokenizer, tmp
     assert model_fingerprint(model) != fingerprint
     _, path3, hit3 = cached_reference_logps(model, loader, "template", 128, device, cache=tmp_path)
     _, path4, _ = cached_reference_logps(model, loader, "chatml", 128, device, cache=tmp_path)
-    assert not hit3 and len({path, path3, path4}) == 3
+    _, path5, _ = cached_reference_logps(model, loader, "template", 64, device, cache=tmp_path)
+    from posttrain.data.preferences import PreferencePairs
+    fewer = PreferencePairs(tokenize_pairs([Preference([{"role": "user", "content": "Q"}],
+                                                       [{"role": "assistant", "content": "yes"}],
+                                                       [{"role": "assistant", "content": "no"}])],
+                                           get_style("template", tiny_tokenizer, "response"), max_length=128))
+    other_data = PairLoader(fewer, "padding", batch_size=2, max_length=128, pad_id=tiny_tokenizer.pad_id)
+    other, path6, hit6 = cached_reference_logps(model, other_data, "template", 128, device, cache=tmp_path)
+    assert not hit3 and not hit6 and other.shape == (1, 2) and len({path, path3, path4, path5, path6}) == 5
     # batches carry the cached values; the loss then needs no reference model
     loader.reference_logps = first
     batch = next(loader.epoch(0))

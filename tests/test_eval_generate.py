@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from posttrain.cli import run as cli_run
-from posttrain.eval.responses import eval_generate, load_examples
-from posttrain.generate import GenerationConfig, generate_text, render_prompt
+from posttrain.eval.metrics import text_metrics
+from posttrain.eval.responses import EvalExample, eval_generate, generate_responses, load_examples
+from posttrain.generate import GenerationConfig, generate_batch, generate_text, render_prompt
 from posttrain.prompts import get_style
 from posttrain.weights import load
 
@@ -86,3 +87,27 @@ def test_clear_errors(tiny_model_dir, data_file, tmp_path):
     bad.write_text(json.dumps({"instruction": "x", "output": "y"}) + "\n" + json.dumps({"foo": 1}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl: record 1, line 2"):
         load_examples(str(bad), "all")
+
+
+def test_rows_stop_at_eos_and_count_the_ones_that_never_stop(tiny_llama, tiny_tokenizer):
+    """A row ends at the model's EOS (finish_reason "stop", EOS not in the text); a row that runs to
+    max_new_tokens is "length", which the no-stop rate counts. (Sampled with fixed seeds: greedy, this
+    random model only repeats a newline.)"""
+    style = get_style("chatml", tiny_tokenizer)
+    examples = [EvalExample(i, [{"role": "user", "content": q}], "ref") for i, q in enumerate(["Hi", "2+2?", "Why?"])]
+    prompts = [style.render(e.messages, add_generation_prompt=True)[0] for e in examples]
+    config = GenerationConfig(max_new_tokens=12, temperature=1.0, seed=7)
+    alone = [GenerationConfig(max_new_tokens=12, temperature=1.0, seed=7 + i, stop_ids=list(style.stop_ids))
+             for i in range(3)]  # example i draws from seed + i
+    free = [g.ids for g in generate_batch(tiny_llama, tiny_tokenizer, prompts, alone)]
+    assert all(len(ids) == 12 for ids in free)  # no row stops by itself
+    # make a token that example 0 emits (and the others never do) the model's EOS
+    k, eos = next((k, t) for k, t in enumerate(free[0]) if k >= 2 and t not in free[0][:k]
+                  and t not in free[1] and t not in free[2])
+    tiny_llama.config.eos_token_id = [tiny_llama.config.eos_token_id, eos]
+    rows = generate_responses(tiny_llama, tiny_tokenizer, style, examples, config, batch_size=3, progress=False)
+    assert rows[0]["finish_reason"] == "stop" and rows[0]["completion_tokens"] == k + 1  # EOS counted, not shown
+    assert rows[0]["response"] == tiny_tokenizer.decode(free[0][:k])
+    assert [(r["finish_reason"], r["completion_tokens"]) for r in rows[1:]] == [("length", 12), ("length", 12)]
+    assert [r["response"] for r in rows[1:]] == [tiny_tokenizer.decode(ids) for ids in free[1:]]
+    assert text_metrics(rows)["no_stop_rate"] == pytest.approx(2 / 3)

@@ -6,10 +6,8 @@ duplicates, and clear errors (endpoint down, wrong model, malformed replies, bad
 that lose nothing already judged."""
 
 import json
-import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -18,7 +16,6 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import httpx
 import pytest
 from conftest import free_port, running_server
 
@@ -33,11 +30,14 @@ class FakeJudge:
 
     A judged response "R<k>" gets answers[k][attempt] (attempt 0, then one per retry). Modes:
     "ok", "malformed" (200 with a body that is not JSON), "no_seed" (400 whenever `seed` is sent).
+    Items in `too_long` are refused as vLLM refuses a prompt over the model's context (400).
     """
 
     def __init__(self, answers: dict[int, list[str]], delay: float = 0.0, list_models: bool = True):
         self.answers, self.delay, self.list_models = answers, delay, list_models
         self.mode = "ok"
+        self.too_long: set[int] = set()
+        self.key: str | None = None  # when set, requests without "Authorization: Bearer <key>" get 401
         self.malformed_after: int | None = None  # switch to malformed after this many good answers
         self.requests: list[dict] = []
         self.in_flight = self.max_in_flight = 0
@@ -56,7 +56,15 @@ class FakeJudge:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def refused(self) -> bool:
+                if fake.key is not None and self.headers.get("Authorization") != f"Bearer {fake.key}":
+                    self.send(401, {"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}})
+                    return True
+                return False
+
             def do_GET(self):
+                if self.refused():
+                    return
                 if self.path == "/v1/models" and fake.list_models:
                     self.send(200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
                 else:
@@ -64,6 +72,8 @@ class FakeJudge:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.refused():
+                    return
                 with fake.lock:
                     fake.requests.append(body)
                     fake.in_flight += 1
@@ -89,6 +99,11 @@ class FakeJudge:
                         return self.send(200, b"<html>upstream error</html>")
                     body["_answered"] = True
                 k = int(re.search(r"R(\d+)", body["messages"][0]["content"]).group(1))
+                if k in fake.too_long:
+                    return self.send(400, {"error": {
+                        "message": f"This model's maximum context length is 64 tokens. However, you requested "
+                                   f"{100 + k} tokens. Please reduce the length of the messages or completion.",
+                        "type": "BadRequestError", "code": 400}})
                 attempt = (len(body["messages"]) - 1) // 2
                 text = fake.answers[k][min(attempt, len(fake.answers[k]) - 1)]
                 self.send(200, {"id": "x", "object": "chat.completion", "model": MODEL, "choices": [
@@ -195,6 +210,21 @@ def test_seed_is_dropped_when_the_server_refuses_it(tmp_path):
     assert "seed" in server.requests[0] and all("seed" not in r for r in server.requests[2:])
 
 
+def test_api_key_comes_from_the_named_environment_variable(tmp_path, monkeypatch):
+    responses = write_responses(tmp_path / "responses-test.jsonl", 2)
+    with FakeJudge({0: ["7"], 1: ["8"]}) as server:
+        server.key = "sk-judge-secret"
+        with pytest.raises(EndpointError, match=r"the API key was refused \(401: Incorrect API key"):
+            judge_command(str(responses), server.url, MODEL, progress=False)  # no key sent
+        monkeypatch.setenv("JUDGE_TEST_KEY", "sk-judge-secret")
+        summary = judge_command(str(responses), server.url, MODEL, api_key_env="JUDGE_TEST_KEY", progress=False)
+        assert summary["scored"] == 2 and summary["mean"] == pytest.approx(7.5)
+        monkeypatch.setenv("JUDGE_TEST_KEY", "")
+        with pytest.raises(ValueError, match="JUDGE_TEST_KEY: that environment variable is unset or empty"):
+            judge_command(str(responses), server.url, MODEL, api_key_env="JUDGE_TEST_KEY",
+                          out=str(tmp_path / "other.jsonl"), progress=False)
+
+
 def test_interrupted_run_resumes_without_duplicates(tmp_path):
     n = 8
     responses = write_responses(tmp_path / "responses-test.jsonl", n)
@@ -225,6 +255,47 @@ def test_interrupted_run_resumes_without_duplicates(tmp_path):
     with FakeJudge({}) as server:
         judge_command(str(responses), server.url, MODEL, progress=False)
         assert server.requests == []
+
+
+def test_an_item_over_the_judges_context_fails_alone_and_is_asked_again(tmp_path):
+    n = 6
+    responses = write_responses(tmp_path / "responses-test.jsonl", n)
+    out = tmp_path / "judge-test.jsonl"
+    with FakeJudge({k: [str(10 * k)] for k in range(n)}) as server:
+        server.too_long = {2, 4}
+        summary = judge_command(str(responses), server.url, MODEL, concurrency=2, progress=False)
+        rows = scores_by_index(out)
+        assert sorted(rows) == list(range(n))  # the run went on past the refused items
+        assert {k: r["score"] for k, r in rows.items()} == {0: 0, 1: 10, 2: None, 3: 30, 4: None, 5: 50}
+        for k in (2, 4):
+            assert rows[k]["status"] == "failed" and rows[k]["http_status"] == 400 and rows[k]["answers"] == []
+            assert "HTTP 400: This model's maximum context length is 64 tokens" in rows[k]["error"]
+        assert (summary["scored"], summary["unparseable"], summary["failed"], summary["n"]) == (4, 0, 2, 6)
+        assert summary["mean"] == pytest.approx(22.5)  # over the scored items only
+        assert [f["index"] for f in summary["failed_items"]] == [2, 4]
+        saved = json.loads((tmp_path / "judge-test.json").read_text())
+        assert saved["failed"] == 2 and "maximum context length" in saved["failed_items"][0]["error"]
+        # a 400 is not retried as 5xx are: one request per refused item
+        assert sum(f"R{k}" in r["messages"][0]["content"] for r in server.requests for k in (2, 4)) == 2
+
+        # the next run asks for the failed items only (now within the judge's context), once each
+        server.too_long = {4}
+        served = len(server.requests)
+        summary = judge_command(str(responses), server.url, MODEL, progress=False)
+        assert len(server.requests) - served == 2
+        lines = [json.loads(line) for line in out.read_text().splitlines()]
+        assert sorted(r["index"] for r in lines) == list(range(n))  # no duplicates
+        assert {r["index"]: r["score"] for r in lines}[2] == 20 and summary["failed"] == 1
+        assert summary["scored"] == 5 and summary["mean"] == pytest.approx(22.0)
+
+        # every item refused: not one item's problem, a clear error; the reasons stay in the file
+        (tmp_path / "all").mkdir()
+        fresh = write_responses(tmp_path / "all" / "responses-test.jsonl", 3)
+        server.too_long = {0, 1, 2}
+        with pytest.raises(EndpointError, match=r"refused every request \(3 failed, none answered\).*maximum "
+                                                r"context length"):
+            judge_command(str(fresh), server.url, MODEL, progress=False)
+        assert {r["status"] for r in scores_by_index(tmp_path / "all" / "judge-test.jsonl").values()} == {"failed"}
 
 
 def test_endpoint_down_is_a_clear_error_and_nothing_is_written(tmp_path):
@@ -268,7 +339,11 @@ def test_bad_responses_file_and_mismatched_output(tmp_path):
     with FakeJudge({}) as server:
         with pytest.raises(ValueError, match=r"responses-test.jsonl:1: missing string field\(s\) response"):
             judge_command(str(responses), server.url, MODEL, progress=False)
-        assert server.requests == []
+        responses.write_text(json.dumps({"index": 3, "reference": "r", "response": "R3"}) + "\n")  # no request
+        with pytest.raises(ValueError, match=r"responses-test.jsonl: the row with index 3: the judge prompt uses "
+                                             r"\{formatted_input\} but the row has no 'prompt', 'instruction'"):
+            judge_command(str(responses), server.url, MODEL, progress=False)
+        assert server.requests == [] and not (tmp_path / "judge-test.jsonl").exists()
     write_responses(responses, 2)
     out = tmp_path / "judge-test.jsonl"
     out.write_text(json.dumps({"index": 0, "score": 5, "judge": "other", "prompt_id": "x"}) + "\n")
@@ -300,6 +375,19 @@ def test_posttrain_serve_as_judge(posttrain_server, tmp_path):
             assert r["attempts"] == 2 and r["status"] == "unparseable"
         else:
             assert r["score"] == parse_score(r["answers"][-1], 0, 100)
+    # a response too long for the judge's 128-token context: that item fails, the others are judged
+    long_rows = [{"index": 0, "prompt": "q", "reference": "a", "response": "R0"},
+                 {"index": 1, "prompt": "q", "reference": "a", "response": "R1 " + "x" * 200},
+                 {"index": 2, "prompt": "q", "reference": "a", "response": "R2"}]
+    long_file = tmp_path / "long" / "responses-test.jsonl"
+    long_file.parent.mkdir()
+    long_file.write_text("".join(json.dumps(r) + "\n" for r in long_rows))
+    summary = judge_command(str(long_file), posttrain_server, "tiny-judge", prompt=str(prompt), retries=0,
+                            max_tokens=4, progress=False)
+    rows = scores_by_index(tmp_path / "long" / "judge-test.jsonl")
+    assert sorted(rows) == [0, 1, 2] and summary["failed"] == 1
+    assert rows[1]["status"] == "failed" and "maximum context length is 128 tokens" in rows[1]["error"]
+    assert all(rows[k]["status"] in ("ok", "unparseable") and len(rows[k]["answers"]) == 1 for k in (0, 2))
     with pytest.raises(EndpointError, match="model 'nope' is not served by .* it serves: tiny-judge"):
         judge_command(str(responses), posttrain_server, "nope", out=str(tmp_path / "other.jsonl"), progress=False)
     # no --model: the one model the server lists

@@ -6,10 +6,11 @@ import io
 import pytest
 import torch
 from transformers import GPT2Config as HFGPT2Config
-from transformers import GPT2LMHeadModel, LlamaForCausalLM
+from transformers import GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM
 from transformers import LlamaConfig as HFLlamaConfig
+from transformers import Qwen2Config as HFQwen2Config
 
-from posttrain.chat import chat_loop, fit_to_context
+from posttrain.chat import chat_command, chat_loop, fit_to_context
 from posttrain.generate import (
     BatchGeneration,
     GenerationConfig,
@@ -29,7 +30,7 @@ from posttrain.models.registry import build_model
 from posttrain.weights import save_pretrained
 
 VOCAB = 50257  # the real GPT-2 tokenizer, so that text, stop strings and streaming are real
-FAMILIES = ["gpt2", "llama"]
+FAMILIES = ["gpt2", "llama", "qwen2"]
 PROMPTS = ["Hello, world", "The quick brown fox jumps over the lazy dog and", "a", "Once upon a time"]
 
 
@@ -47,12 +48,14 @@ def tiny_model(family: str, n_positions: int = 128, eos: int | list[int] = 50256
     else:
         config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=n_positions,
-                             bos_token_id=50256, eos_token_id=eos)
+                             bos_token_id=50256, eos_token_id=eos, model_type=family)
     model = build_model(config)
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.mul_(8.0)
+            elif family == "qwen2" and name.endswith(".bias"):
+                p.normal_()  # Qwen2's q/k/v biases start at zero: make them count
     return model.eval()
 
 
@@ -61,6 +64,9 @@ def to_transformers(model):
     if isinstance(model.config, GPT2Config):
         hf = GPT2LMHeadModel(HFGPT2Config(**model.config.to_hf()))
         state = {k: v.t() if k.endswith(CONV1D_SUFFIXES) else v for k, v in model.state_dict().items()}
+    elif model.config.model_type == "qwen2":
+        hf = Qwen2ForCausalLM(HFQwen2Config(**model.config.to_hf()))
+        state = model.state_dict()
     else:
         hf = LlamaForCausalLM(HFLlamaConfig(**model.config.to_hf()))
         state = model.state_dict()
@@ -91,17 +97,20 @@ def test_greedy_with_cache_equals_full_recompute(family, tokenizer):
     assert out == greedy_without_cache(model, prompt, 24, {tokenizer.eos_id})
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_equals_transformers_generate(family, tokenizer):
+def test_greedy_equals_transformers_generate(family, use_cache, tokenizer):
+    """Our cached greedy decoding against transformers' generate, with and without its KV cache."""
     model = tiny_model(family)
     hf = to_transformers(model)
     for text in PROMPTS[:2]:
         prompt = tokenizer.encode(text)
         ours = generate(model, tokenizer, [prompt], GenerationConfig(max_new_tokens=20))[0]
+        assert len(set(ours)) > 4  # varied text, or token identity would prove little
         with torch.no_grad():
             theirs = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                  max_new_tokens=20, do_sample=False, eos_token_id=tokenizer.eos_id,
-                                 pad_token_id=tokenizer.eos_id)[0, len(prompt):].tolist()
+                                 pad_token_id=tokenizer.eos_id, use_cache=use_cache)[0, len(prompt):].tolist()
         if tokenizer.eos_id in theirs:  # transformers keeps the EOS (and pads after it); we drop it
             theirs = theirs[:theirs.index(tokenizer.eos_id)]
         assert ours == theirs
@@ -311,6 +320,35 @@ def test_generate_command_streams_the_completion(tmp_path, capsys, chat_tokenize
                              GenerationConfig(max_new_tokens=7))
     generate_command(str(directory), "Hello", max_new_tokens=7, chat=True)
     assert capsys.readouterr().out == expected[0] + "\n"
+
+
+def test_prompt_ids_outside_the_vocabulary_are_refused(tokenizer):
+    model = tiny_model("gpt2")
+    with pytest.raises(ValueError, match=r"prompt 1 holds token ids \[50257\] outside the model's vocabulary"):
+        generate(model, tokenizer, [[1, 2], [3, 50257]], GenerationConfig(max_new_tokens=2))
+
+
+def test_chat_and_generate_commands_with_a_style_that_adds_tokens(tmp_path, capsys, monkeypatch, gpt2_tokenizer):
+    """chatml on GPT-2 adds <|im_start|>/<|im_end|> to the tokenizer: the model's embeddings must grow
+    (to a multiple of 64) before the prompt reaches it."""
+    from posttrain.prompts import get_style, resize_model_for_tokenizer
+    from posttrain.weights import load
+
+    directory = save_pretrained(tiny_model("gpt2"), gpt2_tokenizer, tmp_path / "model")
+    model, tok = load(str(directory))
+    style = get_style("chatml", tok)
+    assert resize_model_for_tokenizer(model, tok) and model.config.vocab_size == 50304
+    messages = [{"role": "user", "content": "hello"}]
+    stop_strings, stop_ids = reply_stops(tok, style)
+    reply = generate_text(model, tok, [render_prompt(tok, messages, style)],
+                          GenerationConfig(max_new_tokens=6, stop_strings=stop_strings, stop_ids=stop_ids))[0]
+    assert reply
+
+    generate_command(str(directory), "hello", max_new_tokens=6, chat=True, style="chatml")
+    assert capsys.readouterr().out == reply + "\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/exit\n"))
+    chat_command(str(directory), style="chatml", temperature=0.0, max_new_tokens=6)
+    assert reply + "\n" in capsys.readouterr().out
 
 
 def test_real_smollm2_answers_paris_batched_or_alone(smollm2):

@@ -6,6 +6,7 @@ import csv
 import http.server
 import io
 import json
+import socket
 import threading
 import zipfile
 from collections import Counter
@@ -140,6 +141,17 @@ def test_download_falls_back_to_the_mirror_and_caches(server, tmp_path):
     server.close()  # offline from now on: the cached file serves
     assert fetch_sms_spam([primary, mirror], cache=tmp_path / "sms") == path
     assert len(server.requests) == 2
+
+
+def test_an_unreachable_primary_falls_back_to_the_mirror(server, tmp_path):
+    with socket.socket() as s:  # a port nothing listens on once closed: connection refused
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    (server.root / "mirror" / "sms+spam+collection.zip").write_bytes(uci_zip(synthetic_raw_lines(3, 2)))
+    path = fetch_sms_spam([f"http://127.0.0.1:{closed}/static/public/228/sms+spam+collection.zip",
+                           f"{server.url}/mirror/sms%2Bspam%2Bcollection.zip"], cache=tmp_path / "sms", timeout=5)
+    assert Counter(r.data["label"] for r in parse_sms_spam(path)) == {"ham": 3, "spam": 2}
+    assert server.requests == ["/mirror/sms%2Bspam%2Bcollection.zip"]
 
 
 def test_a_url_serving_something_else_is_skipped(server, tmp_path):
@@ -297,6 +309,12 @@ def test_a_single_class_is_an_error(tmp_path):
     with pytest.raises(DataError, match=r"d\.csv has only the label 'ham': a classifier needs examples of at "
                                         r"least two"):
         load_labelled(str(path))
+    with pytest.raises(DataError, match=r"d\.csv has only the label 'ham'"):  # listing two labels is not enough
+        load_labelled(str(path), labels=["ham", "spam"])
+    two = tmp_path / "two.csv"
+    two.write_text("text,label\na,spam\nb,ham\n")
+    with pytest.raises(DataError, match=r"data\.labels \['ham'\] lists fewer than two labels"):
+        load_labelled(str(two), labels=["ham"])
 
 
 def test_an_empty_file_is_an_error(tmp_path):

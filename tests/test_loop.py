@@ -3,6 +3,7 @@ uninterrupted run, SIGTERM saves, NaN stops, and the run directory gets its file
 
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from posttrain.report import plot_run
 from posttrain.runlog import read_jsonl, write_config
 from posttrain.train.loop import TrainConfig, forward_backward, train
 from posttrain.train.losses import IGNORE_INDEX, count_targets, counts, sft_loss
+from posttrain.train.optim import build_optimizer, build_scheduler, param_groups
 from posttrain.weights.checkpoint import load_checkpoint
 
 VOCAB = 97
@@ -275,6 +277,12 @@ def test_run_directory_files(tmp_path):
     best = min((r["val_loss"], r["step"]) for r in rows if "val_loss" in r)
     assert (summary["best"], summary["best_step"]) == best
     assert json.loads((run_dir / "checkpoints/best/state.json").read_text())["best_step"] == best[1]
+    # best is a complete checkpoint, like last: weights, optimizer, scheduler, RNG, data position
+    model = tiny_model(seed=5)
+    optimizer = build_optimizer(param_groups(model, cfg.weight_decay), cfg.lr)
+    scheduler = build_scheduler(optimizer, cfg.warmup_steps, 16)
+    state = load_checkpoint(run_dir / "checkpoints/best", model, optimizer, scheduler, restore_rng=False)
+    assert (state["step"], state["batch"]) == (best[1], best[1] % 8) and optimizer.state and scheduler.last_epoch == best[1]
     assert json.loads((run_dir / "checkpoints/last/state.json").read_text())["step"] == 16
     # val loss is the token-weighted mean over the whole val set, with the final weights
     final = tiny_model(seed=5)
@@ -331,8 +339,8 @@ def test_mismatched_unit_count_is_an_error(tmp_path):
 
 
 def test_precisions_on_cpu(tmp_path):
-    with pytest.raises(ValueError, match="precision 'fp16' needs a CUDA GPU"):
-        train(tiny_model(), quiet(max_steps=1, precision="fp16"), Shuffled(), sft_loss, tmp_path / "fp16")
+    with pytest.raises(ValueError, match="precision 'fp8' is unknown"):
+        train(tiny_model(), quiet(max_steps=1, precision="fp8"), Shuffled(), sft_loss, tmp_path / "fp8")
     model = tiny_model()
     s = train(model, quiet(max_steps=3, precision="bf16-true", tensorboard=False), Shuffled(), sft_loss,
               tmp_path / "bf16-true")
@@ -345,6 +353,56 @@ def test_precisions_on_cpu(tmp_path):
     fp32 = tiny_model()
     train(fp32, quiet(max_steps=1, tensorboard=False), Shuffled(), sft_loss, tmp_path / "fp32")
     assert losses(tmp_path / "bf16-mixed")[1] == pytest.approx(losses(tmp_path / "fp32")[1], rel=2e-2)
+
+
+class InfiniteGradient(torch.autograd.Function):
+    """Identity forward, infinite gradient backward: an fp16 gradient overflow on demand."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def test_fp16_scales_the_loss_and_skips_overflowing_steps(tmp_path):
+    """fp16 runs under a GradScaler (on the CPU too): the loss is scaled for backward and unscaled before
+    clipping (the logged grad norm is fp32's, not 65536 times it); a step whose gradients overflow is
+    skipped, weights untouched, and the scale halves."""
+    def grad_norm(run):
+        return read_jsonl(tmp_path / run / "metrics.jsonl")[0]["grad_norm"]
+
+    fp16, fp32 = tiny_model(), tiny_model()
+    s = train(fp16, quiet(max_steps=1, precision="fp16", tensorboard=False), Shuffled(), sft_loss, tmp_path / "fp16")
+    train(fp32, quiet(max_steps=1, tensorboard=False), Shuffled(), sft_loss, tmp_path / "fp32")
+    assert s["precision"] == "fp16" and fp16.lm_head.weight.dtype == torch.float32  # fp32 master weights
+    assert grad_norm("fp16") == pytest.approx(grad_norm("fp32"), rel=2e-2)
+    assert losses(tmp_path / "fp16")[1] == pytest.approx(losses(tmp_path / "fp32")[1], rel=2e-2)
+    assert not all(torch.equal(p, q) for p, q in zip(fp16.parameters(), tiny_model().parameters()))  # it stepped
+
+    def overflowing(model, batch):
+        loss_sum, n, metrics = sft_loss(model, batch)
+        return InfiniteGradient.apply(loss_sum), n, metrics
+
+    model = tiny_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the scheduler steps although the optimizer skipped: expected here
+        train(model, quiet(max_steps=1, precision="fp16", tensorboard=False), Shuffled(), overflowing,
+              tmp_path / "overflow")
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), tiny_model().parameters()))
+    scales = {run: torch.load(tmp_path / run / "checkpoints/last/optimizer.pt", weights_only=True)["scaler"]["scale"]
+              for run in ("fp16", "overflow")}
+    assert scales == {"fp16": 2.0 ** 16, "overflow": 2.0 ** 15}
+
+
+def test_progress_bar_shows_loss_lr_tokens_per_second_and_eta(tmp_path, capsys):
+    train(tiny_model(), quiet(max_steps=4, progress=True, tensorboard=False), Shuffled(), sft_loss, tmp_path / "run")
+    final = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert re.search(r"4/4 \[\d\d:\d\d<\d\d:\d\d", final), final  # steps done, [elapsed<ETA
+    for key in ("loss=", "lr=", "tok/s="):
+        assert key in final, final
 
 
 def test_trainable_params_freezes_the_rest(tmp_path):

@@ -4,10 +4,13 @@ The adapter's numbers: merged logits equal adapter logits; a saved adapter loads
 transformers' own model of the same checkpoint (posttrain's export of the base) and gives the same
 logits, for GPT-2 (Conv1D there, nn.Linear here) and Llama. Training: an SFT run with LoRA lowers
 the val loss, its checkpoints hold the adapter only, its model/ folder is a PEFT adapter that
-posttrain loads, merges and exports; the loop never changes a base weight; a resumed run equals an
-uninterrupted one; parameter counts match a hand count. Bad input gets errors that say what exists.
+posttrain loads, merges and exports; no base weight of the model it trained changes; a resumed run
+equals an uninterrupted one; parameter counts match a hand count. Each trainer (sft, dpo, classify)
+takes every --lora.* option from the command line and applies it; DPO's reference is the policy with
+its adapters off (one model in memory). Bad input gets errors that say what exists.
 """
 
+import contextlib
 import json
 import math
 import warnings
@@ -23,6 +26,7 @@ from posttrain.lora import (LoraConfig, adapters_disabled, apply_lora, check_lor
 from posttrain.runlog import read_jsonl
 from posttrain.train.loop import train
 from posttrain.train.losses import sft_loss
+from posttrain.train import sft as sft_module
 from posttrain.train.sft import DataConfig, SampleConfig, sft
 from posttrain.weights import load, save_pretrained
 from test_loop import Shuffled, losses, noisy_sft_loss, quiet
@@ -43,6 +47,38 @@ def perturb_adapters(model, seed: int = 1, scale: float = 0.1) -> None:
 def base_state(model) -> dict[str, torch.Tensor]:
     """The base model's weights inside a LoRA model (peft's base_layer.* names), cloned."""
     return {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+
+
+def base_weights_of(wrapped) -> dict[str, torch.Tensor]:
+    """The base weights inside a peft model under the native model's own names (base_layer dropped)."""
+    return {k.replace(".base_layer.", "."): v for k, v in wrapped.get_base_model().state_dict().items()
+            if "lora_" not in k}
+
+
+@contextlib.contextmanager
+def models_in_use(trainer):
+    """What a trainer's run used: {"trained": the models it handed to the loop (a spy around the trainer
+    module's `train`, which still runs), "embeddings": the distinct token-embedding tables any forward
+    used (a global forward hook)}. One model trained with adapters shows one table; a second copy of
+    the model (say, a reference) would show a second."""
+    seen: dict[str, list] = {"trained": [], "embeddings": []}
+    loop_train = trainer.train
+
+    def spy(model, *args, **kwargs):
+        seen["trained"].append(model)
+        return loop_train(model, *args, **kwargs)
+
+    def hook(module, args, output):
+        if isinstance(module, torch.nn.Embedding) and not any(m is module for m in seen["embeddings"]):
+            seen["embeddings"].append(module)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(trainer, "train", spy)
+            yield seen
+    finally:
+        handle.remove()
 
 
 @pytest.fixture(autouse=True)
@@ -276,16 +312,24 @@ def lora_run(tmp_path_factory, tiny_tokenizer):
                       batch_size=4, max_length=256, split=(0.75, 0.0, 0.25), cache=False)
     train_config = quiet_train(lr=1e-2, warmup_steps=0, schedule="constant", max_steps=LORA_STEPS,
                                eval_every=LORA_EVAL_EVERY, eval_on_start=True, log_every=1)
-    summary = sft(model=str(base_dir), data=data, train=train_config, samples=SampleConfig(prompts=1, max_new_tokens=4),
-                  lora=LoraConfig(r=8, alpha=16, dropout=0.0, targets="all-linear"), run_dir=str(root / "run"))
-    return root / "run", base_dir, summary
+    with models_in_use(sft_module) as seen:
+        summary = sft(model=str(base_dir), data=data, train=train_config,
+                      samples=SampleConfig(prompts=1, max_new_tokens=4),
+                      lora=LoraConfig(r=8, alpha=16, dropout=0.0, targets="all-linear"), run_dir=str(root / "run"))
+    assert len(seen["trained"]) == 1 and is_lora_model(seen["trained"][0])
+    return root / "run", base_dir, summary, base_weights_of(seen["trained"][0])
 
 
 def test_lora_sft_lowers_val_loss_and_saves_an_adapter(lora_run):
-    run_dir, base_dir, summary = lora_run
+    run_dir, base_dir, summary, trained_base = lora_run
     val = {r["step"]: r["val_loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "val_loss" in r}
     assert sorted(val) == list(range(0, LORA_STEPS + 1, LORA_EVAL_EVERY))  # step 0: the base model
     assert val[LORA_STEPS] < val[0] - 2 and val[LORA_STEPS] < math.log(320) - 1, val
+    # every base weight of the model the run trained is bit for bit the one it loaded
+    original = load(str(base_dir))[0].state_dict()
+    assert sorted(trained_base) == sorted(original)
+    for key, value in original.items():
+        assert torch.equal(trained_base[key], value), f"base weight {key} changed"
     model_dir = run_dir / "model"
     names = {p.name for p in model_dir.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "posttrain_adapter.json", "posttrain.json",
@@ -304,7 +348,7 @@ def test_lora_sft_lowers_val_loss_and_saves_an_adapter(lora_run):
 def test_a_lora_run_loads_merged_and_merges_to_a_plain_directory(lora_run, tmp_path, capsys):
     import transformers
 
-    run_dir, base_dir, _ = lora_run
+    run_dir, base_dir, _, _ = lora_run
     merged, tokenizer = load(str(run_dir))  # base + adapter, merged
     assert type(merged).__name__ == "Llama" and not is_lora_model(merged) and len(tokenizer) == 259
     adapted = load_adapter(run_dir / "model", merge=False)
@@ -335,7 +379,7 @@ def test_a_lora_run_loads_merged_and_merges_to_a_plain_directory(lora_run, tmp_p
 def test_generate_answers_from_a_lora_run_in_its_prompt_style(lora_run, capsys):
     from posttrain.generate import generate_command
 
-    run_dir, _, _ = lora_run
+    run_dir, _, _, _ = lora_run
     final = [s for s in read_jsonl(run_dir / "samples.jsonl") if s["step"] == LORA_STEPS]
     capsys.readouterr()
     generate_command(str(run_dir), final[0]["prompt"], max_new_tokens=4, chat=True)  # alpaca, from posttrain.json
@@ -519,7 +563,121 @@ def test_lora_classification_trains_adapters_and_head_and_saves_the_merged_class
 
 
 def test_head_trainable_lora_needs_a_rank(tmp_path):
-    from posttrain.train.classify import ClassifyDataConfig, EvalConfig, HeadConfig, classify
+    from posttrain.train.classify import ClassifyDataConfig, HeadConfig, classify
 
     with pytest.raises(ValueError, match="head.trainable lora needs adapters.*--lora.r"):
         classify("no/such-model", ClassifyDataConfig(), HeadConfig(trainable="lora"), run_dir=str(tmp_path / "r"))
+
+
+# -- every trainer takes the --lora.* options from the command line and applies them ------------------
+
+LORA_ARGS = ["--lora.r", "2", "--lora.alpha", "6", "--lora.dropout", "0.2", "--lora.targets", "q_proj,v_proj",
+             "--lora.init", "gaussian"]
+QUICK_ARGS = ["--train.max_steps", "3", "--train.lr", "5e-2", "--train.device", "cpu", "--train.progress", "false",
+              "--train.tensorboard", "false"]
+
+
+def lora_parameters(variant: str) -> int:
+    """By hand, for r 2 on q_proj (64 -> 64) and v_proj (64 -> 32) of the tiny Llama's 2 blocks: A (2, in)
+    and B (out, 2) each, and with DoRA one magnitude per output feature."""
+    per_block = (2 * 64 + 64 * 2) + (2 * 64 + 32 * 2) + ((64 + 32) if variant == "dora" else 0)
+    return 2 * per_block
+
+
+def assert_lora_applied(out: str, variant: str, run_dir: Path, extra_trainable: int = 0) -> None:
+    """The start-of-run summary and the checkpoint show the options (rank, targets, variant) at work."""
+    assert (f"LoRA ({variant}, r 2, alpha 6, dropout 0.2, init gaussian) on q_proj, v_proj: "
+            f"trainable {lora_parameters(variant) + extra_trainable:,} of") in out
+    stored = safetensors.torch.load_file(str(run_dir / "checkpoints" / "last" / "model.safetensors"))
+    adapted = {k.split(".lora_")[0].removeprefix("base_model.model.") for k in stored if ".lora_" in k}
+    assert adapted == {f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")}
+    assert stored["base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"].shape == (2, 64)
+    assert any("lora_magnitude_vector" in k for k in stored) is (variant == "dora")
+
+
+def assert_adapter_config(model_dir: Path, variant: str) -> None:
+    """adapter_config.json is peft's config of the model that trained: every option as given."""
+    cfg = json.loads((model_dir / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) == (2, 6, 0.2)
+    assert sorted(cfg["target_modules"]) == ["q_proj", "v_proj"] and cfg["init_lora_weights"] == "gaussian"
+    assert (cfg["use_rslora"], cfg["use_dora"]) == (variant == "rslora", variant == "dora")
+
+
+def test_sft_applies_the_lora_options(tmp_path, tiny_tokenizer, capsys):
+    model_dir = save_tiny_llama(tiny_tokenizer, tmp_path / "tiny-llama")
+    run_dir = tmp_path / "run"
+    args = ["sft", "--model", str(model_dir), "--data.path", str(write_alpaca(tmp_path / "a.json", n=16)),
+            "--data.style", "alpaca", "--data.batch_size", "4", "--data.max_length", "256", "--data.cache", "false",
+            "--samples.prompts", "1", "--samples.max_new_tokens", "2", *LORA_ARGS, "--lora.variant", "dora",
+            *QUICK_ARGS, "--run_dir", str(run_dir)]
+    with models_in_use(sft_module) as seen:
+        cli.run(args)
+    assert_lora_applied(capsys.readouterr().out, "dora", run_dir)
+    assert_adapter_config(run_dir / "model", "dora")
+    trained_base, original = base_weights_of(seen["trained"][0]), load(str(model_dir))[0].state_dict()
+    assert len(seen["trained"]) == 1 and all(torch.equal(trained_base[k], v) for k, v in original.items())
+
+
+def test_dpo_applies_the_lora_options_and_keeps_one_model(tmp_path, tiny_tokenizer, capsys):
+    """--reference.mode memory with LoRA: the reference is the same model with its adapters off, so only
+    one embedding table ever runs (a frozen copy would be a second)."""
+    from test_dpo import preference_records, tiny_llama
+
+    import posttrain.train.dpo as dpo_module
+
+    model_dir = save_pretrained(tiny_llama(tiny_tokenizer), tiny_tokenizer, tmp_path / "tiny-llama")
+    prefs = tmp_path / "prefs.json"
+    prefs.write_text(json.dumps(preference_records(8)))
+    run_dir = tmp_path / "run"
+    args = ["dpo", "--model", str(model_dir), "--data.path", str(prefs), "--data.val_path", str(prefs),
+            "--data.batch_size", "4", "--data.max_length", "128", "--data.cache", "false", "--reference.mode", "memory",
+            "--samples.prompts", "1", "--samples.max_new_tokens", "2", *LORA_ARGS, "--lora.variant", "rslora",
+            *QUICK_ARGS, "--run_dir", str(run_dir)]
+    with models_in_use(dpo_module) as seen:
+        summary = cli.run(args)
+    assert_lora_applied(capsys.readouterr().out, "rslora", run_dir)
+    assert_adapter_config(run_dir / "model", "rslora")
+    assert len(seen["trained"]) == 1 and len(seen["embeddings"]) == 1
+    assert summary["val"]["val_loss"] < math.log(2)  # the policy moved away from the reference
+    trained_base, original = base_weights_of(seen["trained"][0]), load(str(model_dir))[0].state_dict()
+    assert all(torch.equal(trained_base[k], v) for k, v in original.items())
+    # Dropout off (as TRL's DPO): in training mode the policy's log-probs are a function of the weights
+    # alone, like the reference's, though --lora.dropout asked for 0.2.
+    policy, ids = seen["trained"][0].train(), torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        assert torch.equal(policy(ids), policy(ids))
+
+
+def test_classify_applies_the_lora_options(tmp_path, tiny_tokenizer, capsys):
+    """The saved classifier is the base with exactly these adapters merged: rebuilt from the run's last
+    checkpoint with the same options it matches, with another alpha or variant it does not."""
+    from test_classify import save_tiny, separable_records, write_jsonl
+
+    from posttrain.models.heads import add_classification_head
+    from posttrain.predict import Classifier
+    from posttrain.weights.checkpoint import load_checkpoint
+
+    model_dir = save_tiny("llama", tiny_tokenizer, tmp_path / "tiny-llama")
+    run_dir = tmp_path / "run"
+    args = ["classify", "--model", str(model_dir), "--data.path", str(write_jsonl(tmp_path / "d.jsonl",
+                                                                                  separable_records(40))),
+            "--data.max_length", "64", "--evaluation.final", "last", *LORA_ARGS, "--lora.variant", "rslora",
+            *QUICK_ARGS, "--run_dir", str(run_dir)]
+    cli.run(args)
+    assert_lora_applied(capsys.readouterr().out, "rslora", run_dir, extra_trainable=2 * 64)  # + the head
+    saved = Classifier.load(str(run_dir), device="cpu").model
+
+    def rebuilt(alpha: float, variant: str):
+        torch.manual_seed(0)
+        base = load(str(model_dir))[0]
+        add_classification_head(base, 2)
+        wrapped = apply_lora(base, LoraConfig(r=2, alpha=alpha, dropout=0.2, targets="q_proj,v_proj", variant=variant),
+                             modules_to_save=["lm_head"], verbose=False)
+        load_checkpoint(run_dir / "checkpoints" / "last", wrapped, restore_rng=False)
+        return merge_adapter(wrapped).eval()
+
+    with torch.no_grad():
+        expected = saved(X)
+        assert (rebuilt(6, "rslora")(X) - expected).abs().max() <= 1e-5
+        assert (rebuilt(16, "rslora")(X) - expected).abs().max() > 1e-4
+        assert (rebuilt(6, "lora")(X) - expected).abs().max() > 1e-4

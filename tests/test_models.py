@@ -127,10 +127,20 @@ def test_config_round_trips_through_hf_dict():
         assert config_from_hf(config.to_hf()) == config
 
 
-@pytest.mark.parametrize("alias, millions", [("gpt2", 124), ("gpt2-medium", 355), ("smollm2-135m", 135),
-                                             ("qwen2.5-0.5b", 494)])
-def test_preset_parameter_counts(alias, millions):
+# The parameter counts of the hub checkpoints (model.safetensors, tied embeddings counted once).
+PRESET_PARAMETERS = {
+    "gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200,
+    "smollm2-135m": 134_515_008, "smollm2-360m": 361_821_120, "smollm2-1.7b": 1_711_376_384,
+    "llama-3.2-1b": 1_235_814_400, "llama-3.2-3b": 3_212_749_824,
+    "qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304,
+}
+
+
+@pytest.mark.parametrize("alias", sorted(PRESET_PARAMETERS))
+def test_preset_parameter_counts(alias):
     with torch.device("meta"):
         model = build_model(PRESETS[alias].config)
-    count = sum(p.numel() for p in model.parameters())  # tied weights are counted once
-    assert abs(count / 1e6 - millions) < 1.0
+    assert sum(p.numel() for p in model.parameters()) == PRESET_PARAMETERS[alias]
+    if not alias.startswith("gpt2"):  # each Llama-family base has its instruct sibling, same architecture
+        instruct = PRESETS[f"{alias}-instruct"]
+        assert instruct.config == PRESETS[alias].config and instruct.hub_id == PRESETS[alias].hub_id + "-Instruct"

@@ -37,6 +37,23 @@ def test_saved_run_gives_the_probabilities_of_evaluation(run):
     assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-6 for p in predicted)
 
 
+def test_pooling_last_predicts_what_evaluation_gave_whatever_the_batch(tiny_tokenizer, tmp_path):
+    """Pooling `last` under right padding reads a pad slot: rows are padded to one length (the longest
+    training text), so a text's probabilities do not depend on the texts batched with it."""
+    run, _ = train_tiny_run(tiny_tokenizer, tmp_path, n=60, epochs=1, pooling="last")
+    meta = json.loads((run / "model" / CLASSIFIER_FILE).read_text())
+    longest = max(len(ids) for ids in tokenize_texts([r["text"] for r in separable_records(60)], tiny_tokenizer,
+                                                     64)[0])
+    assert meta["pooling"] == "last" and longest >= meta["pad_to"] == meta["max_length"] > 10
+    rows = read_jsonl(run / "test_predictions.jsonl")
+    clf = Classifier.load(run, device="cpu")
+    expected = torch.tensor([[r["probabilities"][k] for k in clf.labels] for r in rows])
+    torch.testing.assert_close(clf.probabilities([r["text"] for r in rows], batch_size=5), expected,
+                               atol=1e-6, rtol=1e-5)
+    alone = torch.cat([clf.probabilities([r["text"]]) for r in rows[:4]])  # one text per batch
+    torch.testing.assert_close(alone, expected[:4], atol=1e-6, rtol=1e-5)
+
+
 def test_predict_one_text_prints_label_and_probabilities(run, capsys):
     [result] = predict_command(str(run), "jade milk face", device="cpu")
     out = capsys.readouterr().out.splitlines()

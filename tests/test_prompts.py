@@ -89,6 +89,16 @@ def test_alpaca_chat_messages_and_multi_turn_extension(tok):
     assert trained == tok.encode("4") + [EOS] + tok.encode("6") + [EOS]
 
 
+def expected(tok, *segments) -> tuple[list[int], list[bool]]:
+    """Hand-written expectation: (text or ids, trainable) segments -> ids and flags, token by token."""
+    ids, flags = [], []
+    for piece, trainable in segments:
+        piece_ids = tok.encode(piece) if isinstance(piece, str) else list(piece)
+        ids += piece_ids
+        flags += [trainable] * len(piece_ids)
+    return ids, flags
+
+
 # -- phi3 --------------------------------------------------------------------------------------
 
 def test_phi3_token_by_token(tok):
@@ -101,6 +111,23 @@ def test_phi3_token_by_token(tok):
     gen, _ = get_style("phi3", tok).render(CHAT[:1], add_generation_prompt=True)
     assert tok.decode(gen) == "<|user|>\nHi<|end|>\n<|assistant|>\n"
     assert get_style("phi3", tok).stop_strings == ["<|end|>"]
+
+
+@pytest.mark.parametrize("loss_on", ["response", "all"])
+def test_phi3_multi_turn_with_system(tok, loss_on):
+    messages = [{"role": "system", "content": "Be brief."}, *CHAT, {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "Bye!"}]
+    response = loss_on == "response"
+    # GPT-2 has no <|end|> token: phi3's markers are text here (a Phi-3 tokenizer gives single tokens)
+    assert get_style("phi3", tok, loss_on).render(messages) == expected(
+        tok, ("<|system|>", not response), ("\n", not response), ("Be brief.", not response),
+        ("<|end|>", not response), ("\n", not response),
+        ("<|user|>", not response), ("\n", not response), ("Hi", not response), ("<|end|>", not response),
+        ("\n", not response), ("<|assistant|>", not response), ("\n", not response),
+        ("Hello!", True), ("<|end|>", True), ("\n", not response),
+        ("<|user|>", not response), ("\n", not response), ("Bye", not response), ("<|end|>", not response),
+        ("\n", not response), ("<|assistant|>", not response), ("\n", not response),
+        ("Bye!", True), ("<|end|>", True), ("\n", not response))
 
 
 # -- chatml ------------------------------------------------------------------------------------
@@ -118,6 +145,10 @@ def test_chatml_adds_two_special_tokens_to_gpt2_and_resizes_the_model():
     assert resize_model_for_tokenizer(model, tok)
     assert model.config.vocab_size == 50304 and model.transformer.wte.weight.shape == (50304, 64)
     assert torch.equal(model.transformer.wte.weight[:50257], old)  # trained rows untouched
+    # new rows (the two tokens and the rounding rows) start at the mean of the trained ones: their
+    # logits and hidden states begin in the range the model knows (random rows would be outliers)
+    new_rows = model.transformer.wte.weight[50257:].detach()
+    assert torch.allclose(new_rows, old.mean(dim=0).expand_as(new_rows), atol=1e-6)
     assert model.lm_head.weight is model.transformer.wte.weight
     logits = model(torch.tensor([style.render(CHAT)[0]]))
     assert logits.shape[-1] == 50304
@@ -138,6 +169,22 @@ def test_chatml_token_by_token():
     assert gen == ids[:10]
     _, flags_all = get_style("chatml", tok, "all").render(CHAT)
     assert all(flags_all)
+
+
+@pytest.mark.parametrize("loss_on", ["response", "all"])
+def test_chatml_multi_turn_with_system(loss_on):
+    tok = fresh_gpt2_tokenizer()
+    style = get_style("chatml", tok, loss_on)
+    start, end = 50257, 50258
+    messages = [{"role": "system", "content": "Be brief."}, *CHAT, {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "Bye!"}]
+    prompt = loss_on == "all"
+    assert style.render(messages) == expected(
+        tok, ([start], prompt), ("system\n", prompt), ("Be brief.", prompt), ([end], prompt), ("\n", prompt),
+        ([start], prompt), ("user\n", prompt), ("Hi", prompt), ([end], prompt), ("\n", prompt),
+        ([start], prompt), ("assistant\n", prompt), ("Hello!", True), ([end], True), ("\n", prompt),
+        ([start], prompt), ("user\n", prompt), ("Bye", prompt), ([end], prompt), ("\n", prompt),
+        ([start], prompt), ("assistant\n", prompt), ("Bye!", True), ([end], True), ("\n", prompt))
 
 
 def test_data_text_never_becomes_a_special_token():
@@ -173,6 +220,8 @@ def test_llama2_multi_turn_with_system(tok):
     assert gen == turn1 + reply1 + turn2
     with pytest.raises(ValueError, match="alternating"):
         style.render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    ids_all, flags_all = get_style("llama2", tok, "all").render(messages)
+    assert ids_all == ids and all(flags_all)  # BOS of every turn included
 
 
 # -- template ----------------------------------------------------------------------------------

@@ -178,3 +178,37 @@ def test_report_argv_and_names(tmp_path):
     empty.mkdir()
     assert load_run(empty).metrics == []
     report_command([str(empty)])  # a directory with nothing in it still renders
+
+
+def test_classification_run_and_failed_judge_items(tmp_path):
+    """A `posttrain classify` run (classification.json, labels.json): its accuracies before/after and
+    the test confusion matrices are shown; judge items the server refused are counted in the table."""
+    run = tmp_path / "spam"
+    run.mkdir()
+    (run / "labels.json").write_text(json.dumps({"labels": ["ham", "spam"]}))
+
+    def split(acc, matrix):
+        return {"n": sum(map(sum, matrix)), "loss": 0.5, "accuracy": acc, "macro_f1": acc - 0.1, "confusion": matrix}
+
+    (run / "classification.json").write_text(json.dumps({
+        "before": {"val": split(0.5, [[10, 10], [10, 10]]), "test": split(0.52, [[20, 21], [19, 20]])},
+        "after": {"val": split(0.9, [[19, 1], [3, 17]]), "test": split(0.95, [[39, 2], [2, 37]])}}))
+    write_jsonl(run / "metrics.jsonl", [{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.3, "val_loss": 0.35}])
+    judged = make_run(tmp_path, "judged", 1e-4, [1.0], ["a", "b"], [50, None])
+    summary = json.loads((judged / "eval" / "judge-test.json").read_text())
+    summary.update({"unparseable": 0, "failed": 1})
+    (judged / "eval" / "judge-test.json").write_text(json.dumps(summary))
+    out = report_command([str(run), str(judged)], out=str(tmp_path / "r.html"))
+    page = Page()
+    page.feed(out.read_text())
+    metrics = {r[0]: r[1:] for r in page.tables["metrics"][1:]}
+    assert metrics["classify test: accuracy (before)"] == ["0.52", "—"]
+    assert metrics["classify test: accuracy (after)"] == ["0.95", "—"]
+    assert metrics["classify val: macro_f1 (after)"] == ["0.8", "—"]
+    assert metrics["judge seed by j (judge-test): failed"] == ["—", "1"]
+    assert {"spam (test split, before training)", "spam (test split, after training)"} <= set(page.headings)
+    tables = [v for k, v in page.tables.items() if k.startswith("confusion")]
+    assert [t[2] for t in tables] == [["true spam", "19", "20"], ["true spam", "2", "37"]]  # before, after
+    assert tables[1][0] == ["", "pred ham", "pred spam"]
+    assert sum(alt.startswith("confusion matrix spam") for alt, _ in page.images) == 2
+    assert "| classify test: accuracy (after) | 0.95 | — |" in out.with_suffix(".md").read_text()

@@ -4,16 +4,12 @@ spoken to with the official `openai` client: answers equal in-process generation
 import copy
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
-from conftest import free_port, running_server
+from conftest import running_server
 import torch
 
 from posttrain.generate import GenerationConfig, encode_prompt, generate_batch, render_prompt, reply_stops

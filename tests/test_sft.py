@@ -3,6 +3,7 @@ the demo writes a complete run directory whose model loads back and answers in t
 style, samples answer the val prompts, and ChatML on GPT-2 grows the vocabulary and survives a
 save/load round trip."""
 
+import io
 import json
 import math
 import random
@@ -180,6 +181,36 @@ def test_generate_uses_the_runs_prompt_style(mode_runs, alpaca_path, capsys, tin
     # chance, the prompt ids are not)
     messages = [{"role": "user", "content": final[0]["prompt"]}]
     assert get_style("alpaca", tokenizer).render(messages, True)[0] != tokenizer.render_chat(messages, True)[0]
+
+
+def test_final_model_exports_chats_and_serves_in_the_runs_style(mode_runs, tmp_path, capsys, monkeypatch):
+    """model/ of an SFT run is what `export`, `chat` and `serve` take: the same weights, and replies in the
+    run's prompt style (alpaca here, although the tokenizer has a ChatML template)."""
+    import httpx
+    from conftest import running_server
+
+    run_dir, _ = mode_runs["padding"]
+    net, tokenizer = load(str(run_dir))
+    prompt = "What is the opposite of hot?"
+    reply = answer(net, tokenizer, get_style("alpaca", tokenizer), [[{"role": "user", "content": prompt}]], 12)
+    reply = reply[0]["response"]
+    assert reply.strip()
+
+    cli.main(["export", str(run_dir), str(tmp_path / "exported")])
+    exported, _ = load(str(tmp_path / "exported"))
+    assert exported.state_dict().keys() == net.state_dict().keys()
+    assert all(torch.equal(v, exported.state_dict()[k]) for k, v in net.state_dict().items())
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(prompt + "\n/exit\n"))
+    capsys.readouterr()
+    cli.main(["chat", str(run_dir), "--temperature", "0", "--max_new_tokens", "12", "--device", "cpu"])
+    assert f"> {reply}\n" in capsys.readouterr().out
+
+    with running_server(run_dir, tmp_path, "--name", "run") as url:
+        response = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+            "model": "run", "messages": [{"role": "user", "content": prompt}], "max_tokens": 12, "temperature": 0})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == reply
 
 
 # -- the demo through the CLI ---------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """`posttrain synth preferences` against real servers on 127.0.0.1: posttrain's own `serve` of a tiny
-GPT-2 in a subprocess (valid records, resume after a kill equals an uninterrupted run, unreachable
-endpoints), and a scripted server for refusals and empty answers."""
+GPT-2 in a subprocess, behind an API key the client reads from an environment variable (valid
+records, resume after a kill equals an uninterrupted run, unreachable endpoints, a wrong key), and
+scripted servers for refusals, empty answers, the concurrency bound and an endpoint that stops
+answering (timeouts)."""
 
 import copy
 import json
@@ -12,7 +14,6 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import httpx
 import pytest
 from conftest import free_port, running_server
 import torch
@@ -31,6 +32,7 @@ NAME = "tiny-rewriter"
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
 N_RECORDS, MAX_TOKENS = 40, 12
+KEY_ENV, KEY = "POSTTRAIN_SYNTH_TEST_KEY", "sk-synth-test"  # the server's key; clients read it from KEY_ENV
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -51,8 +53,11 @@ def server(tmp_path_factory, gpt2_tokenizer):
             if p.dim() == 2:
                 p.mul_(8.0)
     directory = save_pretrained(model, tokenizer, tmp_path_factory.mktemp("rewriter") / "model")
-    with running_server(directory, tmp_path_factory.mktemp("log"), "--name", NAME, "--max_batch", "8") as url:
-        yield url + "/v1"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(KEY_ENV, KEY)  # for the server and for every client of this module (the CLI subprocess too)
+        with running_server(directory, tmp_path_factory.mktemp("log"), "--name", NAME, "--max_batch", "8",
+                            "--api_key_env", KEY_ENV, env=dict(os.environ)) as url:
+            yield url + "/v1"
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +72,8 @@ def lines(path) -> list[dict]:
 
 
 def run_all(data_path, out, url, **kwargs) -> dict:
-    args = dict(base_url=url, model=NAME, max_tokens=MAX_TOKENS, concurrency=4, progress=False, max_retries=1,
-                timeout=30)
+    args = dict(base_url=url, model=NAME, api_key_env=KEY_ENV, max_tokens=MAX_TOKENS, concurrency=4, progress=False,
+                max_retries=1, timeout=30)
     return synth_preferences(str(data_path), str(out), **{**args, **kwargs})
 
 
@@ -94,7 +99,7 @@ def test_writes_valid_preference_records_in_input_order(server, data_path, unint
     # the records are what the endpoint answers to the rewriting requests (greedy: repeatable)
     first = rows[0]
     prompt = prompt_text(to_preference(load_records(str(out))[0]).prompt)
-    endpoint = ChatEndpoint(server, NAME)
+    endpoint = ChatEndpoint(server, NAME, api_key_env=KEY_ENV)
     for key, style in (("chosen", "polite"), ("rejected", "impolite")):
         answer = endpoint.chat(rewrite_request(DEFAULT_TEMPLATE, prompt, first["output"], style), temperature=0.0,
                                max_tokens=MAX_TOKENS)
@@ -107,7 +112,8 @@ def test_writes_valid_preference_records_in_input_order(server, data_path, unint
 def test_killed_halfway_and_restarted_finishes_without_duplicates(server, data_path, uninterrupted, tmp_path):
     out = tmp_path / "prefs.jsonl"
     cmd = [sys.executable, "-m", "posttrain.cli", "synth", "preferences", str(data_path), str(out), "--base_url", server,
-           "--model", NAME, "--max_tokens", str(MAX_TOKENS), "--concurrency", "1", "--progress", "false"]
+           "--model", NAME, "--api_key_env", KEY_ENV, "--max_tokens", str(MAX_TOKENS), "--concurrency", "1",
+           "--progress", "false"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     deadline = time.time() + 60
     while len(lines(out)) < 3 and time.time() < deadline and proc.poll() is None:
@@ -147,6 +153,10 @@ def test_unreachable_endpoint_stops_with_a_clear_error_and_keeps_the_records(ser
     err = capsys.readouterr().err
     assert "posttrain: error: POST " + dead in err and "2 attempts" in err and "Traceback" not in err
     assert out.read_text() == kept
+    # the live server without its key: refused at once (401 is not retried), the records stay
+    with pytest.raises(EndpointError, match=r"after 1 attempt: HTTP 401.*API key"):
+        run_all(data_path, out, server, api_key_env=None, limit=8)
+    assert out.read_text() == kept
     # a different input into the same file is refused rather than mixed in
     other = tmp_path / "other.json"
     other.write_text(json.dumps([{**r, "output": r["output"] + "!"} for r in instruction_records(8)]))
@@ -154,11 +164,22 @@ def test_unreachable_endpoint_stops_with_a_clear_error_and_keeps_the_records(ser
         run_all(other, out, server)
 
 
+class Calls(list):
+    """The rewriting requests a scripted server received (their last message), and how."""
+
+    def __init__(self):
+        super().__init__()
+        self.keys: list[str | None] = []
+        self.delay, self.in_flight, self.most_in_flight = 0.0, 0, 0
+        self.lock = threading.Lock()
+
+
 @pytest.fixture
 def scripted_rewriter():
     """A real HTTP server that rewrites politely, refuses impolite rewrites of record 2, answers record 3
-    with nothing and rejects record 4 as too long (HTTP 400)."""
-    calls = []
+    with nothing and rejects record 4 as too long (HTTP 400). `calls.delay` slows each answer down;
+    `calls.most_in_flight` and `calls.keys` (Authorization headers) record what reached it."""
+    calls = Calls()
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):
@@ -167,7 +188,14 @@ def scripted_rewriter():
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             content = body["messages"][-1]["content"]
-            calls.append(content)
+            with calls.lock:
+                calls.append(content)
+                calls.keys.append(self.headers.get("Authorization"))
+                calls.in_flight += 1
+                calls.most_in_flight = max(calls.most_in_flight, calls.in_flight)
+            time.sleep(calls.delay)
+            with calls.lock:
+                calls.in_flight -= 1
             rude = "more impolite" in content
             if "number 4." in content:  # as a server answers a prompt beyond its context
                 data = json.dumps({"error": {"message": "This model's maximum context length is 8 tokens",
@@ -199,12 +227,19 @@ def scripted_rewriter():
     server.server_close()
 
 
-def test_refused_empty_and_rejected_answers_are_counted_and_kept_apart(scripted_rewriter, tmp_path, capsys):
+def test_refused_empty_and_rejected_answers_are_counted_and_kept_apart(scripted_rewriter, tmp_path, capsys,
+                                                                     monkeypatch):
     url, calls = scripted_rewriter
     data = tmp_path / "in.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in instruction_records(6)))
     out = tmp_path / "prefs.jsonl"
-    report = synth_preferences(str(data), str(out), base_url=url, model="m", progress=False, concurrency=3)
+    monkeypatch.setenv("SYNTH_SCRIPTED_KEY", "sk-scripted")
+    calls.delay = 0.1  # answers overlap: the bound is what limits the requests in flight
+    report = synth_preferences(str(data), str(out), base_url=url, model="m", progress=False, concurrency=3,
+                               api_key_env="SYNTH_SCRIPTED_KEY")
+    calls.delay = 0.0
+    assert calls.most_in_flight == 3  # 12 requests, at most 3 at once, and really concurrent
+    assert calls.keys == ["Bearer sk-scripted"] * 12  # the key from the environment, on every request
     assert report["failed"] == {"refused": 1, "empty": 1, "bad_request": 1} and report["written"] == 3
     assert "failed (in the .failed.jsonl file): " in capsys.readouterr().out
     rows = lines(out)
@@ -231,6 +266,51 @@ def test_a_run_whose_requests_are_all_rejected_stops(scripted_rewriter, tmp_path
     with pytest.raises(EndpointError, match="first 5 records were all refused as bad requests.*context length"):
         synth_preferences(str(data), str(out), base_url=url, model="m", progress=False, concurrency=1)
     assert [f["source_index"] for f in lines(failed_path(out))] == [0, 1, 2, 3, 4] and not lines(out)
+
+
+def test_an_endpoint_that_stops_answering_times_out_and_keeps_the_records(tmp_path, capsys):
+    """A server that answers the first 4 requests (records 0 and 1) and then never again: bounded
+    retries of the timed-out requests, a clear error, and the records written before it stay."""
+    release, seen = threading.Event(), []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append(body)
+            if len(seen) > 4:
+                release.wait(10)  # hangs (until the test ends)
+                return
+            text = "Fine: " + body["messages"][-1]["content"][-20:]
+            data = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                            "finish_reason": "stop"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    data = tmp_path / "in.json"
+    data.write_text(json.dumps(instruction_records(6)))
+    out = tmp_path / "prefs.jsonl"
+    try:
+        started = time.perf_counter()
+        with pytest.raises(EndpointError, match=r"failed after 2 attempts: timed out.*raise timeout / max_retries"):
+            # concurrency 1: two records (4 requests) in flight at most, so the first 4 are records 0 and 1
+            synth_preferences(str(data), str(out), base_url=f"http://127.0.0.1:{server.server_address[1]}",
+                              model="m", progress=False, concurrency=1, timeout=0.3, max_retries=1)
+        assert time.perf_counter() - started < 8
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+    rows = lines(out)
+    assert [r["source_index"] for r in rows] == [0, 1] and all(r["chosen"].startswith("Fine: ") for r in rows)
+    assert "2 records written" in capsys.readouterr().out  # the report is printed on the way out
 
 
 def test_a_local_posttrain_model_rewrites_in_process(tiny_tokenizer, tmp_path):

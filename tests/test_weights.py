@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 
+from posttrain.generate import saved_style
 from posttrain.models.llama import rope_frequencies
 from posttrain.models.registry import PRESETS
 from posttrain.models.resize import resize_token_embeddings
@@ -86,6 +87,21 @@ def test_hub_id_and_preset_resolve_through_the_cache(hf_dirs, hf_cache):
     hf2, directory2 = hf_dirs["gpt2"]
     hf_cache.add(PRESETS["gpt2-medium"].hub_id, directory2)
     assert _max_diff(load_model("gpt2-medium"), hf2, _ids()) <= TOL
+
+
+def test_hf_home_alone_locates_the_cache(hf_dirs, tmp_path, monkeypatch):
+    """With only HF_HOME set (no HF_HUB_CACHE), the hub cache is HF_HOME/hub, read at call time."""
+    from conftest import HubCache
+
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hf, directory = hf_dirs["qwen2"]
+    snapshot = HubCache(tmp_path / "home" / "hub").add("tiny-org/tiny-qwen", directory)
+    assert resolve("tiny-org/tiny-qwen").path.resolve() == snapshot.resolve()
+    assert _max_diff(load_model("tiny-org/tiny-qwen"), hf, _ids()) <= TOL
+    with pytest.raises(ConnectionError, match=f"not in the cache at {tmp_path / 'home' / 'hub'}"):
+        load_model("tiny-org/elsewhere")
 
 
 def test_hub_keys_without_prefix_and_with_attention_buffers(hf_dirs, tmp_path):
@@ -167,8 +183,10 @@ def test_run_directory_and_export_command(tiny_llama, tiny_tokenizer, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(_ids()), tiny_llama(_ids()))
     assert tokenizer.chat_template == tiny_tokenizer.chat_template
+    (run / "model" / "posttrain.json").write_text(json.dumps({"prompt_style": "alpaca"}))
     out = export_command(str(run), str(tmp_path / "exported"), dtype="bfloat16")
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert saved_style(str(out)) == "alpaca"  # the export prompts as the run was trained
     assert load_model(str(out)).lm_head.weight.dtype == torch.float32  # loaded at the dtype asked for
     with pytest.raises(ValueError, match="dtype"):
         export_command(str(run), str(tmp_path / "x"), dtype="int3")
@@ -348,6 +366,17 @@ def test_truncated_gguf_names_the_file(tiny_llama, tmp_path):
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=f"{tmp_path / 'cut.gguf'}.*truncated"):
         load_model(str(tmp_path / "cut.gguf"))
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all" * 100)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'junk.gguf'}.*corrupt"):
+        load_model(str(tmp_path / "junk.gguf"))
+
+
+def test_corrupt_safetensors_header_names_the_file(hf_dirs, tmp_path):
+    _, directory = hf_dirs["llama"]
+    (tmp_path / "config.json").write_text((directory / "config.json").read_text())
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'model.safetensors'}.*corrupt"):
+        load_model(str(tmp_path))
 
 
 def test_shape_mismatch_names_key_and_shapes(hf_dirs, tmp_path):

@@ -48,11 +48,12 @@ def fit_to_context(tokenizer, messages: list[dict], style: PromptStyle | None, c
 
 def chat_loop(model: nn.Module, tokenizer, config: GenerationConfig, system: str | None = None,
               style: PromptStyle | None = None, read: Callable[[str], str] = input,
-              out: TextIO = sys.stdout) -> list[dict]:
-    """Read user lines with `read` until /exit or EOF, streaming each reply to `out`.
+              out: TextIO | None = None) -> list[dict]:
+    """Read user lines with `read` until /exit or EOF, streaming each reply to `out` (default: stdout).
 
     Returns the conversation as it stood at exit (for tests and callers that keep transcripts).
     """
+    out = out or sys.stdout  # looked up per call: a stdout redirected after import is honoured
     stop_strings, stop_ids = reply_stops(tokenizer, style)
     config = replace(config, stop_strings=list(config.stop_strings) + stop_strings,
                      stop_ids=list(config.stop_ids) + stop_ids)
@@ -121,7 +122,7 @@ def chat_command(model: str, system: str | None = None, temperature: float = 0.7
         dtype: float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU).
     """
     net, tokenizer = load_for_inference(model, device, dtype)
-    prompt_style = resolve_style(style, tokenizer, model)
+    prompt_style = resolve_style(style, tokenizer, model, net)
     if prompt_style is None and getattr(tokenizer, "chat_template", None) is None:
         raise SystemExit(f"{model}: the tokenizer has no chat template; pick a prompt style with --style "
                          "(alpaca, chatml, phi3, llama2, plain)")

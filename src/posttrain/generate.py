@@ -343,6 +343,11 @@ class BatchGeneration:
         if len(prompt) >= self.context:
             raise ValueError(f"prompt {index} has {len(prompt)} tokens; the model's context is {self.context} "
                              "tokens, so nothing is left to generate: shorten the prompt")
+        vocab = self.model.config.vocab_size
+        outside = [t for t in prompt if not 0 <= t < vocab]
+        if outside:  # e.g. tokens added to the tokenizer without resize_token_embeddings
+            raise ValueError(f"prompt {index} holds token ids {outside[:5]} outside the model's vocabulary "
+                             f"(0..{vocab - 1}): grow the embeddings (posttrain.prompts.resize_model_for_tokenizer)")
         return prompt
 
     def cancel(self, row: int) -> None:
@@ -490,16 +495,24 @@ def saved_style(model: str) -> str | None:
     return None
 
 
-def resolve_style(style: str | None, tokenizer, model: str | None = None) -> PromptStyle | None:
+def resolve_style(style: str | None, tokenizer, model: str | None = None,
+                  net: nn.Module | None = None) -> PromptStyle | None:
     """A prompt style by name (posttrain.prompts); with no name, the style `model` was trained with
-    (a run's posttrain.json), else None for the tokenizer's chat template."""
+    (a run's posttrain.json), else None for the tokenizer's chat template.
+
+    A style may add special tokens to the tokenizer (chatml on GPT-2 adds <|im_start|>, <|im_end|>);
+    `net`, when given, then grows its embeddings to match, or their ids would index past them.
+    """
     if style is None and model is not None:
         style = saved_style(model)  # a model tuned on alpaca prompts answers alpaca prompts
     if style is None:
         return None
-    from posttrain.prompts import get_style
+    from posttrain.prompts import get_style, resize_model_for_tokenizer
 
-    return get_style(style, tokenizer)
+    prompt_style = get_style(style, tokenizer)
+    if net is not None:
+        resize_model_for_tokenizer(net, tokenizer)
+    return prompt_style
 
 
 def generate_command(model: str, prompt: str, max_new_tokens: int = 256, temperature: float = 0.0,
@@ -528,7 +541,7 @@ def generate_command(model: str, prompt: str, max_new_tokens: int = 256, tempera
     net, tokenizer = load_for_inference(model, device, dtype)
     stop_strings, stop_ids = list(stop or []), []
     if chat:
-        prompt_style = resolve_style(style, tokenizer, model)
+        prompt_style = resolve_style(style, tokenizer, model, net)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         ids = render_prompt(tokenizer, messages, prompt_style)
         reply_strings, stop_ids = reply_stops(tokenizer, prompt_style)

@@ -39,7 +39,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,6 +67,23 @@ ADAPTER_NAME = "default"  # peft's name for a model's only adapter
 
 @dataclass
 class LoraConfig:
+    """Low-rank adapters (peft) on the model's linear layers; the base weights stay frozen.
+
+    Attributes:
+        r: rank of each update; 0: LoRA off (full fine-tuning). At most min(in, out) of every target layer.
+        alpha: the update is scaled by alpha / r (rslora: alpha / sqrt(r)).
+        dropout: dropout on the adapters' input, during training only.
+        targets: attn | mlp | all-linear (both), or module names, comma-separated or a list: full names
+            or their ends (q_proj,v_proj; attn.c_attn; mlp.c_fc). A name that matches no layer is an error
+            that lists the layers there are.
+        variant: lora | rslora (rank-stabilised scale alpha / sqrt(r)) | dora (weight-decomposed: a
+            trained magnitude per output feature beside the low-rank direction).
+        init: default (A Kaiming-uniform, B zero) | gaussian (A normal, B zero) | orthogonal (A and B
+            orthogonal with B @ A = 0; even r): every init starts as the base model.
+        quantize: nf4 | fp4: QLoRA, the base's linear layers in 4-bit (bitsandbytes, CUDA only), the
+            adapters in bf16; unset: the base in full precision.
+    """
+
     r: int = 0                         # rank of each update; 0: LoRA off
     alpha: float = 16.0                # the update is scaled by alpha / r (rslora: alpha / sqrt(r))
     dropout: float = 0.05              # dropout on the adapters' input (training only)
@@ -341,7 +357,14 @@ def require_bitsandbytes():
 def quantize_base(model: nn.Module, quant_type: str = "nf4", device: torch.device | str = "cuda") -> int:
     """Replace every linear layer of the blocks by a bitsandbytes 4-bit one, quantized on `device`
     (double quantization, bf16 compute, as QLoRA); the rest of the model goes to `device` in bf16.
-    Returns the number of layers quantized. Marks the model so that peft wraps them with its 4-bit LoRA."""
+    Returns the number of layers quantized. Marks the model so that peft wraps them with its 4-bit LoRA.
+
+    This is what transformers' BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16) builds, done on the native
+    modules (bitsandbytes: load the weights into a Linear4bit, then .to("cuda") quantizes them).
+    peft's prepare_model_for_kbit_training is not called: it freezes the base (get_peft_model does too),
+    drives gradient checkpointing through transformers' API, and upcasts everything outside the 4-bit
+    weights to fp32, where QLoRA here keeps the adapters, embeddings and norms in bf16."""
     require_cuda_for_qlora(device)
     bnb = require_bitsandbytes()
     names = list(linear_modules(model))
@@ -433,7 +456,7 @@ def save_adapter(model: nn.Module, tokenizer, out_dir: str | os.PathLike, base: 
     """
     from safetensors.torch import save_file
 
-    from posttrain.weights.export import _replace_dir
+    from posttrain.weights.export import staged_directory
 
     if not is_lora_model(model):
         raise ValueError("save_adapter: the model has no adapters")
@@ -445,11 +468,7 @@ def save_adapter(model: nn.Module, tokenizer, out_dir: str | os.PathLike, base: 
         raise FileExistsError(f"{out} exists and is not a model or adapter directory; refusing to replace it")
     cfg = _saved_config(model, transformers_base)
     inner = model.get_base_model()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_directory(out) as tmp:
         save_file(adapter_state_dict(model), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         cfg.save_pretrained(str(tmp))
         meta = {"base_model": posttrain_base, "base_model_hf": transformers_base, "model_type": inner.config.model_type,
@@ -457,10 +476,6 @@ def save_adapter(model: nn.Module, tokenizer, out_dir: str | os.PathLike, base: 
         (tmp / BASE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

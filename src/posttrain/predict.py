@@ -13,7 +13,8 @@ Saved format (a run's `model/` folder): a Hugging Face sequence-classification d
                       and the head as `score.weight` (+ `score.bias` when head.bias), no LM head
   tokenizer files     tokenizer.json, tokenizer_config.json
   classifier.json     what posttrain needs beyond that: labels, pooling, max_length, padding_side,
-                      text and label columns
+                      pad_to (the fixed row length of pooling `last` under right padding), text and
+                      label columns
 With the default head (no bias) and pooling (last-nonpad), transformers'
 AutoModelForSequenceClassification loads the folder and gives the same logits.
 """
@@ -24,7 +25,6 @@ import csv
 import io
 import json
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,7 +55,7 @@ def save_classifier(model: nn.Module, tokenizer, labels: Sequence[str], out_dir:
     """
     from safetensors.torch import save_file
 
-    from posttrain.weights.export import _replace_dir, hf_state_dict
+    from posttrain.weights.export import hf_state_dict, staged_directory
 
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").exists())):
@@ -75,20 +75,12 @@ def save_classifier(model: nn.Module, tokenizer, labels: Sequence[str], out_dir:
             "padding_side": "right", "text_column": "text", "label_column": "label",
             "head_bias": model.lm_head.bias is not None, **(settings or {})}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_directory(out) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / CLASSIFIER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -136,6 +128,7 @@ class Classifier:
     pooling: str = "last-nonpad"
     max_length: int = 256
     padding_side: str = "right"
+    pad_to: int | None = None  # every row padded to this length (pooling last, right padding)
     text_column: str = "text"
     label_column: str = "label"
 
@@ -147,7 +140,7 @@ class Classifier:
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         directory = classifier_dir(path)
         model, meta = load_classifier_model(directory, dtype, device)
-        keys = ("pooling", "max_length", "padding_side", "text_column", "label_column")
+        keys = ("pooling", "max_length", "padding_side", "pad_to", "text_column", "label_column")
         settings = {k: meta[k] for k in keys if k in meta}
         return cls(model, Tokenizer.from_dir(directory), list(meta["labels"]), **settings)
 
@@ -163,7 +156,7 @@ class Classifier:
                 raise DataError(f"text {i} is empty; every text to classify needs some content")
         ids, _ = tokenize_texts(texts, self.tokenizer, self.max_length)
         batches = ClassificationBatches(ids, None, batch_size, self.tokenizer.pad_id, self.padding_side,
-                                        by_length=True)
+                                        by_length=True, pad_to=self.pad_to)
         return predict_logits(self.model, batches, self.pooling, self.device).softmax(dim=-1)
 
     def predict(self, texts: Sequence[str], batch_size: int = 32) -> list[dict]:

@@ -18,8 +18,13 @@ from posttrain.weights.checkpoint import atomic_write
 PLOTS_DIR = "plots"
 
 
-def _ema(values: list[float], alpha: float = 0.1) -> list[float]:
-    """Exponential moving average: per-step losses are noisy; the raw curve is drawn faintly behind."""
+def _ema(values: list[float], alpha: float | None = None) -> list[float]:
+    """Exponential moving average: per-step losses are noisy; the raw curve is drawn faintly behind.
+
+    By default the window spans about a tenth of the logged points (alpha = 2 / (n / 10 + 1)): a
+    fixed alpha lags far behind the loss on a short run that logged a few dozen points.
+    """
+    alpha = min(1.0, 20 / (len(values) + 10)) if alpha is None else alpha
     out, acc = [], None
     for v in values:
         acc = v if acc is None else (1 - alpha) * acc + alpha * v

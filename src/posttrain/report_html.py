@@ -12,9 +12,12 @@ What a run directory may hold, and what the page shows of it (each part only whe
   multiple-choice accuracies (choice-TASK.json), lm-eval results (harness/results.json), and
   responses-SPLIT.jsonl, from which a few prompts are shown with every run's answer next to the
   reference (samples.jsonl's last evaluation when no run has responses);
-- classification confusion matrices: `confusion_matrix` ({"labels": [...], "matrix": [[...]]},
-  rows = true label, columns = prediction) in summary.json, in the last metrics.jsonl row that
-  has one, or in eval/confusion*.json.
+- classification (`posttrain classify`): accuracy, macro-F1 and loss per split before and after
+  training, and the confusion matrices of the test split (else the first split measured) before
+  and after, from classification.json (labels from labels.json); other confusion matrices:
+  `confusion_matrix` ({"labels": [...], "matrix": [[...]]}, rows = true label, columns =
+  prediction) in summary.json, in the last metrics.jsonl row that has one, or in
+  eval/confusion*.json.
 
 A directory with only eval/ (e.g. runs/smollm2-135m-instruct/ for a base model evaluated with
 `posttrain eval generate smollm2-135m-instruct`) is a run too: the "before" of a before/after.
@@ -57,6 +60,7 @@ class RunData:
     harness: dict[str, dict] = field(default_factory=dict)  # task -> lm-eval metrics
     responses: dict[str, dict[int, dict]] = field(default_factory=dict)  # split -> index -> row
     confusions: list[dict] = field(default_factory=list)  # {"title", "labels", "matrix"}
+    classification: dict[str, dict[str, dict]] = field(default_factory=dict)  # before/after -> split -> metrics
 
 
 def flatten(tree, prefix: str = "") -> dict:
@@ -114,10 +118,30 @@ def load_run(path: str | os.PathLike, name: str | None = None) -> RunData:
         matrix = _confusion(source, title) if source else None
         if matrix:
             run.confusions.append(matrix)
+    _load_classification(run, path)
     eval_dir = path / "eval"
     if eval_dir.is_dir():
         _load_evals(run, eval_dir)
     return run
+
+
+def _load_classification(run: RunData, path: Path) -> None:
+    """classification.json of a `posttrain classify` run: metrics per phase and split, and the
+    confusion matrices of the test split (else the first split) before and after training."""
+    results = _read_json(path / "classification.json")
+    if not results:
+        return
+    labels = run.summary.get("labels") or (_read_json(path / "labels.json") or {}).get("labels")
+    for phase in ("before", "after"):
+        splits = {s: m for s, m in (results.get(phase) or {}).items() if isinstance(m, dict)}
+        if not splits:
+            continue
+        run.classification[phase] = splits
+        split = "test" if "test" in splits else next(iter(splits))
+        matrix = _confusion({"labels": labels, "matrix": splits[split].get("confusion")},
+                            f"{split} split, {phase} training")
+        if matrix:
+            run.confusions.append(matrix)
 
 
 def _load_evals(run: RunData, eval_dir: Path) -> None:
@@ -224,6 +248,12 @@ def metric_rows(runs: Sequence[RunData]) -> list[list]:
                 f"{mean:.2f} ± {stderr:.2f}" if stderr is not None else f"{mean:.2f}")
             put(f"{label}: median", i, judge.get("median"))
             put(f"{label}: scored / unparseable", i, f"{judge.get('scored')} / {judge.get('unparseable')}")
+            if judge.get("failed"):  # items the judge refused (e.g. over its context)
+                put(f"{label}: failed", i, judge["failed"])
+        for phase in ("before", "after"):
+            for split, data in sorted(run.classification.get(phase, {}).items()):
+                for key in ("accuracy", "macro_f1", "loss"):
+                    put(f"classify {split}: {key} ({phase})", i, data.get(key))
         for task, data in sorted(run.choices.items()):
             put(f"choice {task}: acc", i, data.get("acc"))
             put(f"choice {task}: acc_norm", i, data.get("acc_norm"))
@@ -231,8 +261,8 @@ def metric_rows(runs: Sequence[RunData]) -> list[list]:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and "stderr" not in key:
                     put(f"lm-eval {task}: {key.split(',')[0]}", i, value)
-    def rank(name: str) -> int:  # training first, then automatic metrics, judges, benchmarks
-        return next((i for i, p in enumerate(("train:", "", "judge ", "choice ", "lm-eval ")) if p and
+    def rank(name: str) -> int:  # training first, then automatic metrics, classification, judges, benchmarks
+        return next((i for i, p in enumerate(("train:", "", "classify ", "judge ", "choice ", "lm-eval ")) if p and
                      name.startswith(p)), 1)
 
     return [[name, *values] for name, values in sorted(table.items(), key=lambda kv: rank(kv[0]))]

@@ -584,7 +584,8 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, api_key
         print(f"warning: serving on {host} without an API key; anyone who can reach this port can use it "
               "(set --api_key_env)", flush=True)
     net, tokenizer = load_for_inference(model, device, dtype)
-    app = create_app(net, tokenizer, name or model, api_key=api_key, style=resolve_style(style, tokenizer, model),
+    prompt_style = resolve_style(style, tokenizer, model, net)
+    app = create_app(net, tokenizer, name or model, api_key=api_key, style=prompt_style,
                      max_tokens_limit=max_tokens_limit, max_batch=max_batch, max_body_bytes=max_body_bytes)
     print(f"serving {name or model} at http://{host}:{port}/v1", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info")

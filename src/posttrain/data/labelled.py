@@ -234,23 +234,25 @@ def records_to_raw(records: list[Record], text_column: str = "text", label_colum
 
 def label_names(raw_labels: Sequence[str], given: Sequence[str] | None = None, source: str = "the data"
                 ) -> list[str]:
-    """Label id -> name: `given` as is, else the distinct labels sorted (numerically if all integers)."""
+    """Label id -> name: `given` as is, else the distinct labels sorted (numerically if all integers).
+    Data holding fewer than two distinct labels is an error, whatever `given` lists."""
+    distinct = set(raw_labels)
+    if len(distinct) < 2:
+        found = f"only the label {next(iter(distinct))!r}" if distinct else "no labels"
+        raise DataError(f"{source} has {found}: a classifier needs examples of at least two classes. "
+                        f"Check data.label_column, or add examples of the other classes")
     if given:
         names = [str(x) for x in given]
         duplicates = [n for n, c in Counter(names).items() if c > 1]
         if duplicates:
             raise DataError(f"data.labels lists {duplicates} more than once")
-    else:
-        distinct = set(raw_labels)
-        try:
-            names = sorted(distinct, key=int)
-        except ValueError:
-            names = sorted(distinct)
-    if len(names) < 2:
-        found = f"only the label {names[0]!r}" if names else "no labels"
-        raise DataError(f"{source} has {found}: a classifier needs examples of at least two classes. "
-                        f"Check data.label_column, or add examples of the other classes")
-    return names
+        if len(names) < 2:
+            raise DataError(f"data.labels {names} lists fewer than two labels; a classifier needs at least two")
+        return names
+    try:
+        return sorted(distinct, key=int)
+    except ValueError:
+        return sorted(distinct)
 
 
 def encode_labels(raw: list[tuple[str, str | None, str, str | None]], labels: Sequence[str]

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from safetensors import SafetensorError
 
 from posttrain.data.formats import FormatStats, Messages, dataset_kind, records_to_messages, records_to_texts
 from posttrain.data.sources import DEFAULT_SPLIT, DataError, cache_dir, load_records, split_records
@@ -190,7 +192,11 @@ def cached(key: dict, build, cache: str | Path | bool | None = True) -> Tokenize
         except Exception:  # a corrupt cache file (disk full, older format): rebuild it
             path.unlink(missing_ok=True)
     dataset = build()
-    dataset.save(path)
+    try:
+        dataset.save(path)
+    except (OSError, SafetensorError) as e:  # a read-only or full cache must not stop a run
+        warnings.warn(f"could not cache tokenized data in {folder} ({e}); continuing without the cache "
+                      f"(set POSTTRAIN_CACHE to a writable folder, or data.cache false)")
     return dataset
 
 

@@ -4,7 +4,10 @@ OpenAI-compatible chat endpoint (posttrain serve, Ollama, LM Studio, vLLM, OpenA
     posttrain eval judge runs/my-sft/eval/responses-test.jsonl --endpoint http://127.0.0.1:11434/v1 \\
         --model llama3.1:8b
 
-Prompts (`--prompt`): `seed` (the default; rasbt's LLMs-from-scratch, a 0-100 score), `rubric`
+Prompts (`--prompt`): `seed` (the default, a 0-100 score: the seed projects' prompt exactly as
+rasbt's LLMs-from-scratch ch. 7 writes it, "Given the input `{formatted_input}` and correct output
+`{output}`, score the model response `{response}` on a scale from 0 to 100, where 100 is the best
+score. Respond with the integer number only.", the input shown in the Alpaca template), `rubric`
 (1-5 with a description of each level), or a text file with placeholders (`--scale LO,HI` then
 says the range). Placeholders: {prompt} (the user's request), {instruction} and {input} (Alpaca's
 fields), {formatted_input} (the request in the Alpaca template, as the seed shows it), {output} or
@@ -15,9 +18,15 @@ Requests go out at temperature 0 with a fixed seed (dropped when a server reject
 `concurrency` at a time. Transport errors, 429 and 5xx are retried with backoff; an answer that is
 not a score in range is asked again (the bad answer and a reminder of the format are sent back)
 up to `retries` times, then saved with score null and counted as unparseable: a score is never
-guessed. Every judged item is appended to the output JSONL as soon as it is known, so an
-interrupted run loses nothing: the same command continues where it stopped, without duplicates.
-At the end: mean, median, standard error, a histogram (PNG) and the summary (JSON).
+guessed. A request the server refuses for that item alone (400, 413 or 422: above all a prompt
+longer than the judge's context) is saved with status "failed" and the server's reason, and the
+run goes on; the next run of the same command asks for the failed items again (a different
+judge, a longer context, a fixed bug), the rest stays. Errors that concern every request (server
+down, wrong model or key, malformed replies) stop the run, as does a run in which nothing was
+answered and every request was refused. Every judged item is appended to the output JSONL as soon
+as it is known, so an interrupted run loses nothing: the same command continues where it
+stopped, without duplicates. At the end: mean, median, standard error (over the scored items), a
+histogram (PNG) and the summary (JSON, with the counts of scored, unparseable and failed items).
 """
 
 from __future__ import annotations
@@ -25,10 +34,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import statistics
-import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -69,6 +76,10 @@ Rate the assistant's answer on this scale:
 Respond with the single digit only."""
 
 PROMPTS = {"seed": (SEED_PROMPT, (0, 100)), "rubric": (RUBRIC_PROMPT, (1, 5))}
+# Answers that refuse one item, not the whole run: a bad request (above all a prompt over the judge's
+# context: OpenAI, vLLM, llama.cpp and posttrain serve answer 400), a body too large, a rejected value.
+# 401/403 (key), 404 (model, URL), 429 and 5xx (after their retries) concern every request and stop the run.
+ITEM_ERROR_STATUS = (400, 413, 422)
 PLACEHOLDERS = ("prompt", "instruction", "input", "formatted_input", "output", "reference", "response")
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
                    "Write a response that appropriately completes the request.")
@@ -178,7 +189,16 @@ class JudgePrompt:
 
     def render(self, row: dict) -> str:
         values = judge_fields(row)
-        return re.sub(r"\{(" + "|".join(PLACEHOLDERS) + r")\}", lambda m: values[m.group(1)], self.template)
+
+        def value(match: re.Match) -> str:
+            text = values[match.group(1)]
+            if text is None:
+                raise ValueError(f"the judge prompt uses {{{match.group(1)}}} but the row has no 'prompt', "
+                                 "'instruction' or 'messages'; write responses with `posttrain eval generate`, or "
+                                 "use a prompt file with only {reference} and {response}")
+            return text
+
+        return re.sub(r"\{(" + "|".join(PLACEHOLDERS) + r")\}", value, self.template)
 
     def reminder(self) -> str:
         return f"Reply with one integer from {self.low} to {self.high} only."
@@ -203,17 +223,22 @@ def load_prompt(prompt: str = "seed", scale: tuple[int, int] | None = None) -> J
     return JudgePrompt(str(path), template, int(low), int(high))
 
 
-def judge_fields(row: dict) -> dict[str, str]:
-    """Placeholder values for one responses row."""
+def judge_fields(row: dict) -> dict[str, str | None]:
+    """Placeholder values for one responses row (None: the row has no request to show)."""
     prompt = row.get("prompt")
     instruction = row.get("instruction")
-    if prompt is None:
+    if prompt is None and instruction is not None:
         prompt = instruction if not row.get("input") else f"{instruction}\n\n{row['input']}"
+    if prompt is None and isinstance(row.get("messages"), list):  # a conversation: its last user turn
+        prompt = next((m.get("content") for m in reversed(row["messages"])
+                       if isinstance(m, dict) and m.get("role") == "user"), None)
     instruction = prompt if instruction is None else instruction
     input_text = row.get("input") or ""
-    formatted = f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{instruction}"
-    if input_text:
-        formatted += f"\n\n### Input:\n{input_text}"
+    formatted = None
+    if instruction is not None:
+        formatted = f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{instruction}"
+        if input_text:
+            formatted += f"\n\n### Input:\n{input_text}"
     return {"prompt": prompt, "instruction": instruction, "input": input_text, "formatted_input": formatted,
             "output": row["reference"], "reference": row["reference"], "response": row["response"]}
 
@@ -243,11 +268,21 @@ def parse_score(text: str, low: int, high: int) -> int | None:
 
 def judge_one(client: JudgeClient, prompt: JudgePrompt, row: dict, retries: int = 2, seed: int | None = 0,
               max_tokens: int | None = 32) -> dict:
-    """Score one responses row: ask, and on an unparseable answer ask again (up to `retries` times)."""
+    """Score one responses row: ask, and on an unparseable answer ask again (up to `retries` times).
+
+    A request the server refuses for this item (ITEM_ERROR_STATUS, e.g. a prompt over the judge's
+    context) gives status "failed" with the server's reason; other endpoint errors propagate.
+    """
     messages = [{"role": "user", "content": prompt.render(row)}]
     answers = []
     for _ in range(retries + 1):
-        answer = client.chat(messages, max_tokens, seed)
+        try:
+            answer = client.chat(messages, max_tokens, seed)
+        except EndpointError as e:
+            if e.status not in ITEM_ERROR_STATUS:
+                raise
+            return {"score": None, "status": "failed", "attempts": len(answers) + 1, "answers": answers,
+                    "error": str(e), "http_status": e.status}
         answers.append(answer)
         score = parse_score(answer, prompt.low, prompt.high)
         if score is not None:
@@ -257,8 +292,9 @@ def judge_one(client: JudgeClient, prompt: JudgePrompt, row: dict, retries: int 
 
 
 def read_judged(path: Path, judge_model: str | None, prompt: JudgePrompt) -> dict[int, dict]:
-    """Rows already judged in `path` (by index). A torn last line (a killed run) is dropped and the
-    file rewritten without it; rows from another judge or prompt are an error, not mixed in."""
+    """Rows already judged in `path` (by index; failed ones included). A torn last line (a killed run)
+    is dropped and the file rewritten without it; rows from another judge or prompt are an error,
+    not mixed in."""
     if not path.is_file():
         return {}
     done: dict[int, dict] = {}
@@ -284,10 +320,22 @@ def read_judged(path: Path, judge_model: str | None, prompt: JudgePrompt) -> dic
     return done
 
 
-def score_summary(scores: Sequence[int], total: int, low: int, high: int) -> dict:
-    """Mean, median, standard error of the mean, extremes and counts per score."""
+def drop_failed(path: Path, judged: dict[int, dict], indices: set[int]) -> dict[int, dict]:
+    """`judged` without the failed rows of `indices`, rewriting `path` without them (atomically), so
+    that judging those items again appends each one once."""
+    again = {i for i, r in judged.items() if i in indices and r.get("status") == "failed"}
+    if not again:
+        return judged
+    kept = {i: r for i, r in judged.items() if i not in again}
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept.values()))
+    return kept
+
+
+def score_summary(scores: Sequence[int], total: int, low: int, high: int, failed: int = 0) -> dict:
+    """Mean, median, standard error of the mean, extremes and counts per score (over the scored
+    items; `total` - scored - `failed` items were answered but unparseable)."""
     n = len(scores)
-    out = {"n": total, "scored": n, "unparseable": total - n, "scale": [low, high],
+    out = {"n": total, "scored": n, "unparseable": total - n - failed, "failed": failed, "scale": [low, high],
            "mean": statistics.fmean(scores) if n else None,
            "median": statistics.median(scores) if n else None,
            "stderr": statistics.stdev(scores) / math.sqrt(n) if n > 1 else None,
@@ -387,20 +435,27 @@ def judge_command(responses: str, endpoint: str = "http://127.0.0.1:8000/v1", mo
         raise ValueError(f"{responses_path}: index {dup} appears more than once; every row needs its own index")
     judge_prompt = load_prompt(prompt, tuple(scale) if scale else None)
     for row in rows:  # a template error shows before any request is sent
-        judge_prompt.render(row)
+        try:
+            judge_prompt.render(row)
+        except ValueError as e:
+            raise ValueError(f"{responses_path}: the row with index {row['index']}: {e}") from None
     scores_path, summary_path, png_path = judge_paths(responses_path, out)
     if model is None:  # which model judged a resumed file is in its rows
         model = next((r.get("judge") for r in read_judged(scores_path, None, judge_prompt).values()), None)
     done = read_judged(scores_path, model, judge_prompt) if model else {}
-    todo = [r for r in rows if int(r["index"]) not in done]
+    # items not judged yet, and those the server refused last time (asked again)
+    todo = [r for r in rows if done.get(int(r["index"]), {}).get("status", "failed") == "failed"]
+    retried = sum(int(r["index"]) in done for r in todo)
     print(f"judging {len(todo)} of {len(rows)} responses with {model} at {endpoint}"
-          + (f" ({len(rows) - len(todo)} already in {scores_path})" if len(todo) < len(rows) else ""))
+          + (f" ({len(rows) - len(todo)} already in {scores_path})" if len(todo) < len(rows) else "")
+          + (f"; {retried} of them failed before and are asked again" if retried else ""))
 
     if todo:
         client = JudgeClient(endpoint, model, api_key_env, timeout, request_retries)
         if model is None:
             model = client.only_model()
-        client.check()
+        client.check()  # before the failed rows are dropped: a server that is down changes nothing
+        done = drop_failed(scores_path, done, {int(r["index"]) for r in todo})
         scores_path.parent.mkdir(parents=True, exist_ok=True)
         _judge_all(client, judge_prompt, todo, scores_path, model, concurrency, retries, seed, max_tokens,
                    tqdm(total=len(todo), unit="item", disable=not progress, desc="judge"))
@@ -408,16 +463,27 @@ def judge_command(responses: str, endpoint: str = "http://127.0.0.1:8000/v1", mo
 
     judged = [done[int(r["index"])] for r in rows if int(r["index"]) in done]
     scores = [r["score"] for r in judged if r.get("score") is not None]
+    failed = [r for r in judged if r.get("status") == "failed"]
+    if failed and len(failed) == len(judged):  # e.g. --max_tokens over the server's limit: not one item's problem
+        raise EndpointError(f"the judge refused every request ({len(failed)} failed, none answered); the first "
+                            f"reason, item {failed[0]['index']}: {failed[0].get('error')}\nthe reasons are saved in "
+                            f"{scores_path}; fix the request (--max_tokens, --prompt) or the server, and run the same "
+                            "command again: failed items are asked again", failed[0].get("http_status"))
     summary = {"judge": model, "endpoint": endpoint, "prompt": judge_prompt.name,
                "prompt_id": judge_prompt.fingerprint, "responses": str(responses_path),
-               **score_summary(scores, len(judged), judge_prompt.low, judge_prompt.high)}
+               **score_summary(scores, len(judged), judge_prompt.low, judge_prompt.high, len(failed))}
+    if failed:
+        summary["failed_items"] = [{"index": r["index"], "error": r.get("error")} for r in failed]
     atomic_write(summary_path, json.dumps(summary, indent=2))
     atomic_write(png_path, histogram_png({responses_path.parent.parent.name or "scores": scores},
                                          judge_prompt.low, judge_prompt.high, f"judge: {model}"))
     mean = f"{summary['mean']:.2f}" if summary["mean"] is not None else "n/a"
     stderr = f" ± {summary['stderr']:.2f}" if summary["stderr"] is not None else ""
     print(f"judge {model}: mean {mean}{stderr} (median {summary['median']}) over {summary['scored']} scored, "
-          f"{summary['unparseable']} unparseable -> {scores_path}, {summary_path}, {png_path}")
+          f"{summary['unparseable']} unparseable, {len(failed)} failed -> {scores_path}, {summary_path}, {png_path}")
+    if failed:
+        print(f"{len(failed)} item(s) refused by the judge (run again to ask for them again); the first, item "
+              f"{failed[0]['index']}: {failed[0].get('error')}")
     return summary
 
 
@@ -426,7 +492,7 @@ def _judge_all(client: JudgeClient, prompt: JudgePrompt, rows: list[dict], path:
     """Judge rows on a bounded pool; append each result to `path` the moment it is known.
 
     A fatal error (endpoint gone, wrong model) stops new requests; finished items stay saved and the
-    error says how many.
+    error says how many. An item the server refused alone (judge_one's "failed") is saved like the rest.
     """
     written, error = 0, None
     with open(path, "a") as f, ThreadPoolExecutor(max_workers=concurrency) as pool:

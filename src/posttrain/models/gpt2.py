@@ -3,6 +3,7 @@
 Parameter names equal Hugging Face's GPT2LMHeadModel, so a hub state dict maps key for key.
 Hugging Face stores the attention and MLP projections as Conv1D, (in, out); here they are
 nn.Linear, (out, in): weights/ transposes them on the way in and out (CONV1D_SUFFIXES).
+The LM head over `hidden`, the weight init and `new_cache` come from models/base.py (shared with Llama).
 """
 
 from __future__ import annotations
@@ -10,18 +11,18 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from posttrain.models.attention import KVCache, attention_mask, default_positions, scaled_dot_product
+from posttrain.models.base import CausalLM, HFConfig
 
 # Weights that Hugging Face keeps as Conv1D (transposed relative to nn.Linear).
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 @dataclass
-class GPT2Config:
+class GPT2Config(HFConfig):
     # Field names equal the keys of Hugging Face's GPT-2 config.json.
     vocab_size: int = 50257
     n_positions: int = 1024
@@ -56,11 +57,6 @@ class GPT2Config:
     def to_hf(self) -> dict:
         return {**asdict(self), "architectures": ["GPT2LMHeadModel"], "activation_function": "gelu_new",
                 "n_inner": None, "tie_word_embeddings": True}
-
-    @classmethod
-    def from_hf(cls, cfg: dict) -> "GPT2Config":
-        known = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in cfg.items() if k in known and v is not None})
 
 
 class CausalSelfAttention(nn.Module):
@@ -103,7 +99,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT2(nn.Module):
+class GPT2(CausalLM):
     def __init__(self, config: GPT2Config):
         super().__init__()
         self.config = config
@@ -120,13 +116,6 @@ class GPT2(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-
     def hidden(self, input_ids, position_ids=None, document_ids=None, cache: KVCache | None = None):
         """Final-layer-normed hidden states (B, T, C); `forward` applies the LM head to them."""
         B, T = input_ids.shape
@@ -139,10 +128,3 @@ class GPT2(nn.Module):
         if cache is not None:
             cache.advance(T)
         return self.transformer.ln_f(x)
-
-    def forward(self, input_ids, position_ids=None, document_ids=None, cache: KVCache | None = None):
-        return self.lm_head(self.hidden(input_ids, position_ids, document_ids, cache))  # (B, T, V)
-
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        c, p = self.config, self.lm_head.weight
-        return KVCache(c.n_layer, batch, c.n_head, max_len, c.head_dim, p.dtype, p.device)

@@ -13,7 +13,7 @@ embedding stays as it was). Exported, the head is Hugging Face's `score` (see po
 Pooling (`pool`): which hidden state of a text feeds the head.
   last         the last position of the row (with right padding: a pad token that, under causal
                attention, has seen the whole text; the setting of LLMs-from-scratch, whose rows are
-               all padded to one length);
+               all padded to one length, as posttrain.train.classify then pads them too);
   last-nonpad  the last real token of each row, found from the attention mask: right for either
                padding side (Hugging Face's *ForSequenceClassification does the same from pad ids);
   mean         the mean over the real tokens.

@@ -3,6 +3,7 @@
 RMSNorm, rotary position embeddings (with Llama 3's frequency scaling), grouped-query attention,
 SwiGLU, optional q/k/v bias (Qwen2), tied or untied embeddings. Parameter names equal Hugging
 Face's LlamaForCausalLM / Qwen2ForCausalLM, so a hub state dict loads key for key.
+The LM head over `hidden`, the weight init and `new_cache` come from models/base.py (shared with GPT-2).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from posttrain.models.attention import KVCache, attention_mask, default_positions, scaled_dot_product
+from posttrain.models.base import CausalLM, HFConfig
 
 
 @dataclass
-class LlamaConfig:
+class LlamaConfig(HFConfig):
     # Field names equal the keys of Hugging Face's config.json for Llama and Qwen2.
     vocab_size: int = 49152
     hidden_size: int = 576
@@ -78,8 +80,7 @@ class LlamaConfig:
                 cfg.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
         if cfg.get("rope_scaling") and cfg["rope_scaling"].get("rope_type", cfg["rope_scaling"].get("type")) in (None, "default"):
             cfg["rope_scaling"] = None
-        known = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in cfg.items() if k in known and v is not None})
+        return super().from_hf(cfg)
 
 
 def rope_frequencies(config: LlamaConfig) -> torch.Tensor:
@@ -168,7 +169,7 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Llama(nn.Module):
+class Llama(CausalLM):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
@@ -182,13 +183,6 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
         self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     def rotary(self, position_ids, dtype):
         """cos and sin (B, 1, T, D) for each token's position."""
@@ -209,10 +203,3 @@ class Llama(nn.Module):
         if cache is not None:
             cache.advance(T)
         return self.model.norm(x)
-
-    def forward(self, input_ids, position_ids=None, document_ids=None, cache: KVCache | None = None):
-        return self.lm_head(self.hidden(input_ids, position_ids, document_ids, cache))  # (B, T, V)
-
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        c, p = self.config, self.lm_head.weight
-        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim, p.dtype, p.device)

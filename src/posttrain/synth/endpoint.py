@@ -113,7 +113,7 @@ class ChatEndpoint:
         from posttrain.serve import create_app
 
         net, tokenizer = load_for_inference(model, device)
-        prompt_style = resolve_style(style, tokenizer, model)
+        prompt_style = resolve_style(style, tokenizer, model, net)
         holder: dict = {}
 
         def transport_factory():

@@ -1,6 +1,7 @@
 """Classification fine-tuning: a causal LM as a text classifier, through the shared training loop.
 
     labelled text -> token ids (truncated to max_length) -> batches padded to their longest example
+       (pooling `last` with right padding: every text padded to the longest training text, see fixed_length)
     -> model with its LM head replaced by Linear(d_model, n_classes), a freezing policy
     -> the loop (cross-entropy per example; best checkpoint by val accuracy)
     -> metrics per split before and after training, plots, the model with its head in <run>/model
@@ -25,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -55,38 +55,74 @@ CLASSIFICATION_FILE, PREDICTIONS_FILE, LABELS_FILE = "classification.json", "tes
 
 @dataclass
 class ClassifyDataConfig:
-    path: str = SMS_SPAM                 # csv/tsv/jsonl/json/parquet file, URL, hub dataset id, or sms-spam
+    """Labelled texts: source, columns, labels, split, balance and batching.
+
+    Attributes:
+        path: csv/tsv/jsonl/json/parquet file, URL, hub dataset id, or sms-spam
+        text_column: column (or JSON key) holding the text
+        label_column: column (or JSON key) holding the label name
+        columns: column names of a CSV/TSV file without a header row
+        labels: label names in id order (default: the data's labels, sorted)
+        group_column: rows sharing this column's value stay in one split
+        val_path: separate validation / test files (then `path` is all training data)
+        test_path: separate test file
+        split: train, val, test fractions after a seeded shuffle
+        seed: shuffling, undersampling and the batch order
+        balance: undersample | class-weights | none | auto (undersample for sms-spam)
+        max_length: tokens per text; longer texts keep their first max_length tokens
+        batch_size: examples per micro-batch
+        eval_batch_size: examples per batch when measuring a split
+        padding_side: right | left: where pads go in a batch
+        urls: download URLs of a named dataset (default: UCI, then a mirror)
+    """
+    path: str = SMS_SPAM
     text_column: str = "text"
     label_column: str = "label"
-    columns: list[str] | None = None     # column names of a CSV/TSV file without a header row
-    labels: list[str] | None = None      # label names in id order (default: the data's labels, sorted)
-    group_column: str | None = None      # rows sharing this column's value stay in one split
-    val_path: str | None = None          # separate validation / test files (then `path` is all training data)
+    columns: list[str] | None = None
+    labels: list[str] | None = None
+    group_column: str | None = None
+    val_path: str | None = None
     test_path: str | None = None
-    split: tuple[float, float, float] = DEFAULT_SPLIT  # train, val, test fractions after a seeded shuffle
-    seed: int = 123                      # shuffling, undersampling and the batch order
-    balance: str = "auto"                # undersample | class-weights | none | auto (undersample for sms-spam)
-    max_length: int = 256                # tokens per text; longer texts keep their first max_length tokens
-    batch_size: int = 8                  # examples per micro-batch
+    split: tuple[float, float, float] = DEFAULT_SPLIT
+    seed: int = 123
+    balance: str = "auto"
+    max_length: int = 256
+    batch_size: int = 8
     eval_batch_size: int = 32
-    padding_side: str = "right"          # right | left: where pads go in a batch
-    urls: list[str] | None = None        # download URLs of a named dataset (default: UCI, then a mirror)
+    padding_side: str = "right"
+    urls: list[str] | None = None
 
 
 @dataclass
 class HeadConfig:
-    trainable: str = "last-k"            # head | last-k | all | lora (adapters + head; set by lora.r > 0)
-    last_k: int = 1                      # last-k: the last k blocks + final norm + head
-    pooling: str = "last-nonpad"         # last | last-nonpad | mean
-    bias: bool = False                   # False: the head is Hugging Face's `score` (transformers loads the run)
+    """The classification head: what trains and which position it reads.
+
+    Attributes:
+        trainable: head | last-k | all | lora (adapters + head; set by lora.r > 0)
+        last_k: last-k: the last k blocks + final norm + head
+        pooling: last | last-nonpad | mean
+        bias: False: the head is Hugging Face's `score` (transformers loads the run)
+    """
+    trainable: str = "last-k"
+    last_k: int = 1
+    pooling: str = "last-nonpad"
+    bias: bool = False
 
 
 @dataclass
 class EvalConfig:
-    before: bool = True                  # metrics of every split before training too
-    splits: tuple[str, ...] = SPLITS     # splits measured at the start and the end
-    final: str = "best"                  # best (highest val accuracy) | last: the weights saved and measured
-    samples: int = 3                     # val texts classified at each evaluation (samples.jsonl)
+    """What is measured before and after training, and which weights are kept.
+
+    Attributes:
+        before: metrics of every split before training too
+        splits: splits measured at the start and the end
+        final: best (highest val accuracy) | last: the weights saved and measured
+        samples: val texts classified at each evaluation (samples.jsonl)
+    """
+    before: bool = True
+    splits: tuple[str, ...] = SPLITS
+    final: str = "best"
+    samples: int = 3
 
 
 def classify_train_config() -> TrainConfig:
@@ -107,8 +143,8 @@ def tokenize_texts(texts: Sequence[str], tokenizer, max_length: int) -> tuple[li
 
 
 def collate(ids: Sequence[np.ndarray], pad_id: int, padding_side: str = "right",
-            labels: Sequence[int] | None = None) -> dict:
-    """A batch padded to its longest example.
+            labels: Sequence[int] | None = None, pad_to: int | None = None) -> dict:
+    """A batch padded to its longest example (or to `pad_to` tokens when that is longer).
 
     input_ids (B, T), attention_mask (B, T) bool (True: real token), labels (B,) when given.
     Right padding needs nothing else: under causal attention no real token sees the pads after it.
@@ -117,7 +153,7 @@ def collate(ids: Sequence[np.ndarray], pad_id: int, padding_side: str = "right",
     """
     if padding_side not in PADDING_SIDES:
         raise ValueError(f"padding_side {padding_side!r} is unknown; choose one of: {', '.join(PADDING_SIDES)}")
-    B, T = len(ids), max(len(x) for x in ids)
+    B, T = len(ids), max(max(len(x) for x in ids), pad_to or 0)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     mask = torch.zeros((B, T), dtype=torch.bool)
     for r, x in enumerate(ids):
@@ -133,17 +169,33 @@ def collate(ids: Sequence[np.ndarray], pad_id: int, padding_side: str = "right",
     return batch
 
 
+def fixed_length(train_ids: Sequence[np.ndarray], pooling: str, padding_side: str) -> int | None:
+    """The one length every text is cut and padded to, or None (batches padded to their longest example).
+
+    Pooling `last` under right padding reads the row's last slot: a pad for every text shorter than
+    its batch's longest, whose hidden state depends on how many pads precede it. With batches padded
+    to their longest example a text's logits would then depend on its batch, and prediction would not
+    reproduce evaluation. So, as in LLMs-from-scratch ch. 6 (every message padded to the longest
+    training message, longer val/test messages cut), all rows take the length of the longest training
+    text. Left padding or the other poolings need no fixed length: a text's logits are its own.
+    """
+    if pooling != "last" or padding_side != "right":
+        return None
+    return max(len(x) for x in train_ids)
+
+
 class ClassificationBatches:
     """Batches of (token ids, label) examples: a batch source for the loop (`len`, `epoch`).
 
     Epoch e's order is a permutation seeded by (seed, e) when shuffling, so resuming mid-epoch gets
     the same batches. Without shuffling, batches follow the data order, or with `by_length` hold
     examples of similar length (less padding: evaluation and prediction put each result back in
-    its place through `batch_order`).
+    its place through `batch_order`). `pad_to`: every row padded to this many tokens (pooling `last`).
     """
 
     def __init__(self, ids: Sequence[np.ndarray], labels: Sequence[int] | None, batch_size: int, pad_id: int,
-                 padding_side: str = "right", shuffle: bool = False, seed: int = 0, by_length: bool = False):
+                 padding_side: str = "right", shuffle: bool = False, seed: int = 0, by_length: bool = False,
+                 pad_to: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not len(ids):
@@ -152,7 +204,7 @@ class ClassificationBatches:
             raise ValueError("shuffle and by_length exclude each other")
         self.ids, self.labels = list(ids), (list(labels) if labels is not None else None)
         self.batch_size, self.pad_id, self.padding_side = batch_size, pad_id, padding_side
-        self.shuffle, self.seed, self.by_length = shuffle, seed, by_length
+        self.shuffle, self.seed, self.by_length, self.pad_to = shuffle, seed, by_length, pad_to
 
     def __len__(self) -> int:
         return math.ceil(len(self.ids) / self.batch_size)
@@ -170,7 +222,7 @@ class ClassificationBatches:
 
     def collate(self, idx: Sequence[int]) -> dict:
         labels = [self.labels[i] for i in idx] if self.labels is not None else None
-        return collate([self.ids[i] for i in idx], self.pad_id, self.padding_side, labels)
+        return collate([self.ids[i] for i in idx], self.pad_id, self.padding_side, labels, self.pad_to)
 
     def epoch(self, epoch: int = 0, start: int = 0):
         for idx in self.batch_order(epoch)[start:]:
@@ -300,22 +352,18 @@ def check_options(data: ClassifyDataConfig, head: HeadConfig, evaluation: EvalCo
                          f"val_accuracy")
 
 
-def _device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-
-
 def run_classify(model: str, data: ClassifyDataConfig, head: HeadConfig, train_config: TrainConfig,
                  evaluation: EvalConfig, run_dir: str | None, runs: str = "runs", name: str | None = None,
                  lora: LoraConfig = LoraConfig()) -> dict:
     from posttrain.predict import save_classifier
-    from posttrain.train.sft import check_run_dir
+    from posttrain.train.run import check_run_dir, load_capped, resolve_run_dir, train_device
     from posttrain.weights import load
 
-    run_dir = Path(run_dir) if run_dir else Path(runs) / (name or f"classify-{Path(model).name}-"
-                                                                   f"{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = resolve_run_dir(run_dir, runs, name, "classify", model)
+    device = train_device(train_config.device)
     # Mistakes that need no model are reported before the model loads.
     check_options(data, head, evaluation, train_config)
-    check_lora(lora, _device(train_config.device))
+    check_lora(lora, device)
     if head.trainable == "lora" and not lora.enabled:
         raise ValueError("head.trainable lora needs adapters: set their rank, --lora.r (e.g. 16)")
     check_run_dir(run_dir, train_config.resume)
@@ -324,15 +372,11 @@ def run_classify(model: str, data: ClassifyDataConfig, head: HeadConfig, train_c
                              data.group_column, data.urls)
     print(labelled.summary())
 
-    net, tokenizer = load(model)
-    context = net.config.max_length
-    if data.max_length > context:
-        print(f"data.max_length {data.max_length} is longer than the model's context; using {context}")
-        data = replace(data, max_length=context)
+    net, tokenizer, data = load_capped(model, data)
     torch.manual_seed(train_config.seed)  # the head's initialisation is part of the run's seed
     add_classification_head(net, len(labelled.labels), bias=head.bias)
     if lora.enabled:  # adapters on the blocks; the new head trains in full beside them (peft's modules_to_save)
-        net = apply_lora(net, lora, base=model, modules_to_save=["lm_head"], device=_device(train_config.device),
+        net = apply_lora(net, lora, base=model, modules_to_save=["lm_head"], device=device,
                          seed=train_config.seed)
         head = replace(head, trainable="lora")
     params = trainable_parameters(net, head.trainable, head.last_k)
@@ -348,13 +392,18 @@ def run_classify(model: str, data: ClassifyDataConfig, head: HeadConfig, train_c
                                                         data.max_length)
     if any(truncated.values()):
         print(f"texts longer than max_length {data.max_length} (first tokens kept): {truncated}")
+    pad_to = fixed_length(token_ids["train"], head.pooling, data.padding_side)
+    if pad_to is not None:
+        token_ids = {s: [x[:pad_to] for x in ids] for s, ids in token_ids.items()}
+        print(f"pooling last with right padding: every text cut and padded to {pad_to} tokens (the longest "
+              f"training text)")
 
     def batches(split: str, shuffle: bool, batch_size: int) -> ClassificationBatches | None:
         if split not in token_ids:
             return None
         return ClassificationBatches(token_ids[split], [e.label for e in getattr(labelled, split)], batch_size,
                                      tokenizer.pad_id, data.padding_side, shuffle=shuffle, seed=data.seed,
-                                     by_length=not shuffle)
+                                     by_length=not shuffle, pad_to=pad_to)
 
     train_batches = batches("train", True, data.batch_size)
     eval_sets = {s: batches(s, False, data.eval_batch_size) for s in SPLITS}
@@ -364,7 +413,6 @@ def run_classify(model: str, data: ClassifyDataConfig, head: HeadConfig, train_c
                            "data_report": {**labelled.report, "truncated": truncated}})
     atomic_write(run_dir / LABELS_FILE, json.dumps({"labels": labelled.labels}, indent=1))
 
-    device = _device(train_config.device)
     autocast = _autocast(_resolve_precision(train_config.precision, device), device)
     net.to(device)
     measured = [s for s in evaluation.splits if eval_sets.get(s) is not None]
@@ -380,7 +428,7 @@ def run_classify(model: str, data: ClassifyDataConfig, head: HeadConfig, train_c
         print("before training: " + _accuracies(results["before"]))
 
     loss_fn = classification_loss(head.pooling, labelled.class_weights)
-    sample_fn = _sample_fn(labelled, tokenizer, data, head.pooling, evaluation.samples)
+    sample_fn = _sample_fn(labelled, tokenizer, data, head.pooling, evaluation.samples, pad_to)
     summary = train(net, train_config, train_batches, loss_fn, run_dir, val_data=eval_sets["val"],
                     sample_fn=sample_fn, trainable_params=params)
 
@@ -406,8 +454,9 @@ def run_classify(model: str, data: ClassifyDataConfig, head: HeadConfig, train_c
     if "test" in probabilities:
         _write_predictions(run_dir / PREDICTIONS_FILE, labelled.test, labelled.labels, probabilities["test"])
     save_classifier(net, tokenizer, labelled.labels, run_dir / "model",
-                    {"pooling": head.pooling, "max_length": data.max_length, "padding_side": data.padding_side,
-                     "text_column": data.text_column, "label_column": data.label_column})
+                    {"pooling": head.pooling, "max_length": pad_to or data.max_length, "pad_to": pad_to,
+                     "padding_side": data.padding_side, "text_column": data.text_column,
+                     "label_column": data.label_column})
     annotate_metrics(run_dir, train_batches.examples_seen(train_config.grad_accum, summary["steps"]),
                      results.get("before", {}).get("val"))
     plot_run(run_dir)
@@ -432,16 +481,17 @@ def _accuracies(metrics: dict) -> str:
                      for s, m in metrics.items())
 
 
-def _sample_fn(labelled: LabelledData, tokenizer, data: ClassifyDataConfig, pooling: str, n: int):
+def _sample_fn(labelled: LabelledData, tokenizer, data: ClassifyDataConfig, pooling: str, n: int,
+               pad_to: int | None = None):
     """The first n val texts classified at each evaluation (rows of samples.jsonl)."""
     examples = labelled.val[:n]
     if not examples:
         return None
-    ids, _ = tokenize_texts([e.text for e in examples], tokenizer, data.max_length)
+    ids, _ = tokenize_texts([e.text for e in examples], tokenizer, pad_to or data.max_length)
 
     def sample(model: nn.Module, step: int) -> list[dict]:
         device = next(model.parameters()).device
-        batches = ClassificationBatches(ids, None, len(ids), tokenizer.pad_id, data.padding_side)
+        batches = ClassificationBatches(ids, None, len(ids), tokenizer.pad_id, data.padding_side, pad_to=pad_to)
         probs = predict_logits(model, batches, pooling, device).softmax(dim=-1)
         return [{"text": e.text, "label": labelled.labels[e.label],
                  "prediction": labelled.labels[int(p.argmax())], "p": round(float(p.max()), 4)}

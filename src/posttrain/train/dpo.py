@@ -36,7 +36,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -67,42 +67,79 @@ REFERENCE_CACHE_VERSION = 1  # bump when what the cache stores changes
 
 @dataclass
 class PreferenceDataConfig:
-    path: str | None = None          # preference file/folder, http(s) URL or hub dataset id (required)
-    style: str = "auto"              # auto: the style the model was trained with (posttrain.json), else
-                                     # template (tokenizer has a chat template), else alpaca
-    max_length: int = 1024           # tokens per sequence (prompt + one response)
-    batching: str = "padding"        # padding (one sequence per row) | packed (pairs share rows)
-    batch_size: int = 8              # pairs per micro-batch
-    val_path: str | None = None      # separate validation file (then `path` is all training data)
+    """Preference data, prompt style and batching.
+
+    Attributes:
+        path: preference file/folder, http(s) URL or hub dataset id (required)
+        style: auto: the style the model was trained with (posttrain.json), else template (tokenizer
+            has a chat template), else alpaca
+        max_length: tokens per sequence (prompt + one response)
+        batching: padding (one sequence per row) | packed (pairs share rows)
+        batch_size: pairs per micro-batch
+        val_path: separate validation file (then `path` is all training data)
+        test_path: separate test file
+        split: train, test, val fractions, in order
+        shuffle: shuffle records before splitting
+        seed: seed of the split shuffle and of the batch order
+        overlong: truncate (cut responses) | drop (drop the pair); both counted
+        skip_invalid: count and skip bad records (missing/empty fields, prompts over max_length)
+        cache: tokenized pairs and reference log-probs cached on disk
+    """
+    path: str | None = None
+    style: str = "auto"
+    max_length: int = 1024
+    batching: str = "padding"
+    batch_size: int = 8
+    val_path: str | None = None
     test_path: str | None = None
-    split: tuple[float, float, float] = DEFAULT_SPLIT  # train, test, val fractions, in order
-    shuffle: bool = False            # shuffle records before splitting
+    split: tuple[float, float, float] = DEFAULT_SPLIT
+    shuffle: bool = False
     seed: int = 0
-    overlong: str = "truncate"       # truncate (cut responses) | drop (drop the pair); both counted
-    skip_invalid: bool = False       # count and skip bad records (missing/empty fields, prompts over max_length)
-    cache: bool = True               # tokenized pairs and reference log-probs cached on disk
+    overlong: str = "truncate"
+    skip_invalid: bool = False
+    cache: bool = True
 
 
 @dataclass
 class PreferenceLossConfig:
-    type: str = "sigmoid"            # sigmoid (DPO) | ipo | hinge | simpo | orpo (the last two: no reference)
-    beta: float = 0.1                # DPO/hinge beta, IPO tau, SimPO beta (paper: 2-2.5), ORPO lambda
-    label_smoothing: float = 0.0     # cDPO / SimPO: assumed share of flipped labels
-    gamma: float = 0.5               # SimPO target reward margin
-    average_logps: bool | None = None  # per-token mean of response log-probs instead of the sum;
-                                     # None: the loss's own (sum: sigmoid, hinge; mean: ipo, simpo, orpo)
+    """Which preference loss, and its hyper-parameters.
+
+    Attributes:
+        type: sigmoid (DPO) | ipo | hinge | simpo | orpo (the last two: no reference)
+        beta: DPO/hinge beta, IPO tau, SimPO beta (paper: 2-2.5), ORPO lambda
+        label_smoothing: cDPO / SimPO: assumed share of flipped labels
+        gamma: SimPO target reward margin
+        average_logps: per-token mean of response log-probs instead of the sum; None: the loss's own
+            (sum: sigmoid, hinge; mean: ipo, simpo, orpo)
+    """
+    type: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    gamma: float = 0.5
+    average_logps: bool | None = None
 
 
 @dataclass
 class ReferenceConfig:
-    mode: str = "cached"             # cached: log-probs computed once before training (only the policy in
-                                     # memory) | memory: a frozen copy of the model beside the policy
-    model: str | None = None         # reference model (default: the model training starts from)
+    """Where the reference log-probs come from.
+
+    Attributes:
+        mode: cached: log-probs computed once before training (only the policy in memory) | memory:
+            a frozen copy of the model beside the policy
+        model: reference model (default: the model training starts from)
+    """
+    mode: str = "cached"
+    model: str | None = None
 
 
 @dataclass
 class PreferenceSampleConfig:
-    prompts: int = 3                 # val prompts answered at each evaluation (samples.jsonl)
+    """Sample generations at each evaluation (collapse shows early).
+
+    Attributes:
+        prompts: val prompts answered at each evaluation (samples.jsonl)
+    """
+    prompts: int = 3
     max_new_tokens: int = 64
 
 
@@ -338,28 +375,20 @@ def resolve_dpo_style(style: str, tokenizer, model: str) -> str:
     return saved_style(model) or ("template" if getattr(tokenizer, "chat_template", None) else "alpaca")
 
 
-def _device(config: TrainConfig) -> torch.device:
-    # The device the loop will train on (train/loop.py decides the same way).
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
-
-
 def run_dpo(model: str, data: PreferenceDataConfig, loss: PreferenceLossConfig, reference: ReferenceConfig,
             train_config: TrainConfig, samples: PreferenceSampleConfig, run_dir: str | None, runs: str = "runs",
             name: str | None = None, lora: LoraConfig = LoraConfig()) -> dict:
-    from posttrain.train.sft import answer, check_run_dir, save_model
+    from posttrain.train.run import check_run_dir, load_capped, resolve_run_dir, train_device
+    from posttrain.train.sft import answer, save_model
     from posttrain.weights import load
 
-    name = name or f"dpo-{Path(model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(run_dir) if run_dir else Path(runs) / name
+    run_dir = resolve_run_dir(run_dir, runs, name, "dpo", model)
+    device = train_device(train_config.device)
     # Mistakes that need no model to find are reported before minutes of loading and tokenizing.
     check_dpo_choices(data, loss, reference)
-    check_lora(lora, _device(train_config))
+    check_lora(lora, device)
     check_run_dir(run_dir, train_config.resume)
-    net, tokenizer = load(model)
-    context = net.config.max_length
-    if data.max_length > context:  # longer rows would index past the model's positions
-        print(f"data.max_length {data.max_length} is longer than the model's context; using {context}")
-        data = replace(data, max_length=context)
+    net, tokenizer, data = load_capped(model, data)
     style_name = resolve_dpo_style(data.style, tokenizer, model)
     prefs = prepare_preference_data(data.path, tokenizer, style_name, data.max_length, data.val_path, data.test_path,
                                     tuple(data.split), data.shuffle, data.seed, data.skip_invalid, data.overlong,
@@ -370,7 +399,9 @@ def run_dpo(model: str, data: PreferenceDataConfig, loss: PreferenceLossConfig, 
             raise new_tokens_error(style.name)
         print(f"added special tokens for {style.name}; embeddings resized to {net.config.vocab_size}")
     if lora.enabled:  # before the reference: with QLoRA it is the 4-bit base the policy starts from
-        net = apply_lora(net, lora, base=model, device=_device(train_config), seed=train_config.seed)
+        net = apply_lora(net, lora, base=model, device=device, seed=train_config.seed)
+    if disable_dropout(net):
+        print("dropout disabled: policy and reference log-probs must be the same function of the weights")
     print(f"prompt style {style.name}\n{prefs.summary()}")
     train_batches = PairLoader(prefs.train, data.batching, data.batch_size, data.max_length, tokenizer.pad_id,
                                shuffle=True, seed=data.seed)
@@ -378,7 +409,6 @@ def run_dpo(model: str, data: PreferenceDataConfig, loss: PreferenceLossConfig, 
                               shuffle=False) if prefs.val is not None else None)
     print(f"batching {data.batching}: {train_batches.stats}")
 
-    device = _device(train_config)
     precision = _resolve_precision(train_config.precision, device)
     reference_report: dict = {"mode": None if loss.type in REFERENCE_FREE_LOSSES else reference.mode,
                               "model": reference.model or model}
@@ -444,6 +474,18 @@ def run_dpo(model: str, data: PreferenceDataConfig, loss: PreferenceLossConfig, 
     print_comparison(summary)
     print(f"run: {run_dir}  (plots: {run_dir / 'plots'}, model: {run_dir / 'model'})")
     return summary
+
+
+def disable_dropout(net: nn.Module) -> int:
+    """Switch every dropout off (LoRA's included), as TRL's DPOTrainer does by default: with dropout
+    the policy's log-probs are noisy where the reference's are not, so the step-0 loss is not log 2
+    and rewards/margins carry noise. Returns how many dropout layers were on."""
+    switched = 0
+    for module in net.modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            module.p = 0.0
+            switched += 1
+    return switched
 
 
 def print_comparison(summary: dict) -> None:

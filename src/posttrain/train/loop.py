@@ -42,6 +42,7 @@ from posttrain.report import plot_run
 from posttrain.runlog import METRICS_FILE, RunLog
 from posttrain.train.losses import LossFn, count_units
 from posttrain.train.optim import build_optimizer, build_scheduler, param_groups
+from posttrain.train.run import train_device
 from posttrain.weights.checkpoint import ensure_writable_dir, load_checkpoint, resolve_checkpoint, save_checkpoint
 
 PRECISIONS = ("auto", "bf16-mixed", "bf16-true", "fp16", "fp32")
@@ -49,28 +50,57 @@ PRECISIONS = ("auto", "bf16-mixed", "bf16-true", "fp16", "fp32")
 
 @dataclass
 class TrainConfig:
+    """Optimizer, schedule, precision, accumulation, evaluation and checkpoints.
+
+    Attributes:
+        lr: peak learning rate (AdamW).
+        weight_decay: decoupled weight decay, on matrices only (never norms, biases, embeddings).
+        betas: AdamW's betas.
+        eps: AdamW's epsilon.
+        warmup_steps: optimizer steps of linear warmup.
+        schedule: constant | linear | cosine decay after warmup.
+        min_lr_ratio: the decay ends at lr * min_lr_ratio.
+        epochs: passes over the training data (ignored when max_steps is set).
+        max_steps: train exactly this many optimizer steps.
+        grad_accum: micro-batches per optimizer step (the loss is normalised by the step's target tokens).
+        max_grad_norm: gradient-norm clipping; 0: none (the norm is still logged).
+        precision: bf16-mixed | bf16-true | fp16 (with loss scaling) | fp32 | auto (bf16-mixed on a
+            GPU that has bf16, else fp32).
+        compile: torch.compile each transformer block; a string names the backend.
+        eval_every: optimizer steps between evaluations (val loss and samples); 0: at the end only.
+        eval_on_start: also evaluate before the first step (a step-0 row: the baseline).
+        log_every: steps between metrics.jsonl rows (evaluation steps always log).
+        save_every: steps between checkpoints/last; 0: at the end (and on Ctrl-C/SIGTERM).
+        seed: random seed of the run.
+        resume: continue exactly from <run_dir>/checkpoints/last.
+        best_metric: validation metric that picks checkpoints/best.
+        best_mode: min | max: whether lower or higher best_metric is better.
+        device: cuda, cpu, ...; auto: cuda when available, else cpu.
+        tensorboard: write TensorBoard events to <run_dir>/tb.
+        progress: show a progress bar (loss, lr, tokens/s, ETA).
+    """
     lr: float = 2e-5
-    weight_decay: float = 0.0            # on matrices only; never norms, biases, embeddings
+    weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     warmup_steps: int = 0
-    schedule: str = "cosine"             # constant | linear | cosine (after warmup)
-    min_lr_ratio: float = 0.0            # decay ends at lr * min_lr_ratio
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
     epochs: int = 1
-    max_steps: int | None = None         # when set, train exactly this many steps (epochs ignored)
-    grad_accum: int = 1                  # micro-batches per optimizer step
-    max_grad_norm: float = 1.0           # 0: no clipping (the norm is still logged)
-    precision: str = "auto"              # bf16-mixed | bf16-true | fp16 | fp32 | auto (bf16 GPU: bf16-mixed)
-    compile: bool | str = False          # torch.compile each transformer block; a str names the backend
-    eval_every: int = 0                  # steps between evaluations (val loss + samples); 0: at the end only
-    eval_on_start: bool = False          # also evaluate before the first step (a step-0 row: the baseline)
-    log_every: int = 10                  # steps between metrics.jsonl rows (evaluation steps always log)
-    save_every: int = 0                  # steps between "last" checkpoints; 0: at the end (and on a signal)
+    max_steps: int | None = None
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    precision: str = "auto"
+    compile: bool | str = False
+    eval_every: int = 0
+    eval_on_start: bool = False
+    log_every: int = 10
+    save_every: int = 0
     seed: int = 0
-    resume: bool = False                 # continue from <run_dir>/checkpoints/last when it exists
-    best_metric: str = "val_loss"        # validation metric that picks checkpoints/best ...
-    best_mode: str = "min"               # ... and whether lower (min) or higher (max) is better
-    device: str = "auto"                 # auto: cuda when available, else cpu
+    resume: bool = False
+    best_metric: str = "val_loss"
+    best_mode: str = "min"
+    device: str = "auto"
     tensorboard: bool = True
     progress: bool = True
 
@@ -142,10 +172,7 @@ def _resolve_precision(name: str, device: torch.device) -> str:
         raise ValueError(f"precision {name!r} is unknown; choose one of {', '.join(PRECISIONS)}")
     if name == "auto":
         return "bf16-mixed" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if name == "fp16" and device.type != "cuda":
-        raise ValueError("precision 'fp16' needs a CUDA GPU (its loss scaling is CUDA's GradScaler); on "
-                         f"{device.type} use 'bf16-mixed', 'bf16-true' or 'fp32'")
-    return name
+    return name  # fp16 runs anywhere autocast and GradScaler do (CUDA; also the CPU, slowly: tests use it)
 
 
 def _autocast(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
@@ -251,7 +278,7 @@ def train(model: nn.Module, config: TrainConfig, train_data, loss_fn: LossFn, ru
         raise ValueError(f"best_mode must be 'min' or 'max', not {cfg.best_mode!r}")
     run_dir = ensure_writable_dir(run_dir)  # fail now, not after an hour of training
     last_dir, best_dir = run_dir / "checkpoints" / "last", run_dir / "checkpoints" / "best"
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    device = train_device(cfg.device)
     precision = _resolve_precision(cfg.precision, device)
     autocast = _autocast(precision, device)
     source = as_batch_source(train_data)
@@ -310,7 +337,9 @@ def train(model: nn.Module, config: TrainConfig, train_data, loss_fn: LossFn, ru
             value = val[cfg.best_metric]
             if pos["best"] is None or (value < pos["best"] if cfg.best_mode == "min" else value > pos["best"]):
                 pos.update(best=value, best_step=step)
-                save_checkpoint(best_dir, model, state())  # weights only: "last" is what resumes
+                # As complete as "last" (optimizer, scheduler, scaler, RNG, data position): copied to
+                # checkpoints/last, it resumes training from the best step.
+                save_checkpoint(best_dir, model, state(), optimizer, scheduler, scaler)
         return val
 
     log = RunLog(run_dir, total_steps, pos["step"], cfg.tensorboard, cfg.progress)

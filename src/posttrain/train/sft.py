@@ -8,8 +8,7 @@ exact match on the held-out split measured before and after training.
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,41 +23,74 @@ from posttrain.lora import (LoraConfig, apply_lora, check_lora, format_counts, i
                             save_adapter, trainable_parameters)
 from posttrain.models.registry import OFFLINE_DEFAULT
 from posttrain.prompts import LOSS_MODES, STYLES, PromptStyle, resize_model_for_tokenizer
-from posttrain.runlog import METRICS_FILE, write_config
+from posttrain.runlog import write_config
 from posttrain.train.loop import TrainConfig, train
 from posttrain.train.losses import sft_loss
-from posttrain.weights import load, save_pretrained
-from posttrain.weights.checkpoint import atomic_write, ensure_writable_dir, resolve_checkpoint
+from posttrain.train.run import check_run_dir, load_capped, resolve_run_dir, train_device
+from posttrain.weights import save_pretrained
+from posttrain.weights.checkpoint import atomic_write
 
 DEMO_DATA = "demo"
 
 
 @dataclass
 class DataConfig:
-    path: str = DEMO_DATA            # file, folder, http(s) URL, hub dataset id, or "demo"
-    style: str = "alpaca"            # alpaca | phi3 | chatml | llama2 | template | plain | auto
-    loss_on: str = "all"             # all (prompt and response) | response (assistant turns only)
+    """Dataset, prompt style, loss masking and batching.
+
+    Attributes:
+        path: local json/jsonl/csv/parquet/txt file or folder, http(s) URL (downloaded once, cached),
+            hub dataset id (owner/name[:split]), or demo (the generated offline set).
+        style: prompt style: alpaca | phi3 | chatml | llama2 | template (the tokenizer's chat template)
+            | plain | auto (template when the tokenizer has one, else alpaca).
+        loss_on: all (prompt and response) | response (every assistant turn and its end-of-turn token).
+        max_length: tokens per example (padding, concat) or per row (packed); capped at the model's context.
+        batching: padding (to the longest in the batch) | packed (one stream cut into rows of max_length)
+            | concat (whole examples packed best-fit-decreasing into rows of max_length).
+        batch_size: rows per micro-batch (train.grad_accum micro-batches make a step).
+        group_by_length: padding only: batch examples of similar length together (less padding).
+        val_path: separate validation file; then path is all training data.
+        test_path: separate test file.
+        split: train, test, val fractions of path, taken in order (unless shuffle).
+        shuffle: shuffle the records (seeded) before splitting.
+        seed: seed of the split shuffle and of the batch order.
+        overlong: truncate | drop examples longer than max_length (counted and reported either way);
+            keep: packed batching only (cut across rows).
+        skip_invalid: skip invalid records and count them by reason, instead of stopping at the first.
+        mix_path: a second dataset blended into train only (e.g. pre-training text, against forgetting).
+        mix_ratio: share of the training examples that come from mix_path.
+        cache: cache the tokenized data on disk (keyed by data, tokenizer, style, max length, masking).
+    """
+    path: str = DEMO_DATA
+    style: str = "alpaca"
+    loss_on: str = "all"
     max_length: int = 1024
-    batching: str = "padding"        # padding | packed | concat
-    batch_size: int = 8              # rows per micro-batch (grad_accum micro-batches per step)
-    group_by_length: bool = False    # padding: batch examples of similar length together
-    val_path: str | None = None      # separate validation file (then `path` is all training data)
+    batching: str = "padding"
+    batch_size: int = 8
+    group_by_length: bool = False
+    val_path: str | None = None
     test_path: str | None = None
-    split: tuple[float, float, float] = (0.85, 0.10, 0.05)  # train, test, val fractions, in order
-    shuffle: bool = False            # shuffle records before splitting
+    split: tuple[float, float, float] = (0.85, 0.10, 0.05)
+    shuffle: bool = False
     seed: int = 0
-    overlong: str = "truncate"       # truncate | drop (both counted and reported)
-    skip_invalid: bool = False       # count and skip bad records instead of stopping
-    mix_path: str | None = None      # a second dataset blended into train (e.g. pre-training text)
+    overlong: str = "truncate"
+    skip_invalid: bool = False
+    mix_path: str | None = None
     mix_ratio: float = 0.0
-    cache: bool = True               # tokenized data cached on disk
+    cache: bool = True
 
 
 @dataclass
 class SampleConfig:
-    prompts: int = 3                 # val prompts answered at each evaluation (samples.jsonl)
+    """Sample generations at each evaluation; exact match before/after training.
+
+    Attributes:
+        prompts: val prompts answered (greedy) at each evaluation, written to samples.jsonl.
+        max_new_tokens: longest sample answer, in tokens.
+        exact_match: exact match on the demo's held-out split before and after training (on for the demo).
+    """
+    prompts: int = 3
     max_new_tokens: int = 64
-    exact_match: bool = False        # exact match on the held-out split before and after training
+    exact_match: bool = False
 
 
 # The demo's own settings, for every option the user left at its general default: short exact
@@ -101,16 +133,12 @@ def run_sft(model: str, data: DataConfig, train_config: TrainConfig, samples: Sa
     demo = data.path == DEMO_DATA
     if demo:
         train_config, samples = with_defaults(train_config, DEMO_TRAIN), with_defaults(samples, DEMO_SAMPLES)
-    run_dir = Path(run_dir) if run_dir else Path(runs) / (name or f"sft-{Path(model).name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = resolve_run_dir(run_dir, runs, name, "sft", model)
     # Mistakes that need no model to find are reported before minutes of loading and tokenizing.
     check_choices(data)
-    check_lora(lora, train_device(train_config))
+    check_lora(lora, train_device(train_config.device))
     check_run_dir(run_dir, train_config.resume)
-    net, tokenizer = load(model)
-    context = net.config.max_length
-    if data.max_length > context:  # longer rows would index past the model's positions
-        print(f"data.max_length {data.max_length} is longer than the model's context; using {context}")
-        data = replace(data, max_length=context)
+    net, tokenizer, data = load_capped(model, data)
     sft_data = prepare_sft_data(data.path, tokenizer, data.style, data.loss_on, data.max_length, data.val_path,
                                 data.test_path, tuple(data.split), data.shuffle, data.seed, data.skip_invalid,
                                 data.overlong, data.mix_path, data.mix_ratio, cache=data.cache)
@@ -120,7 +148,7 @@ def run_sft(model: str, data: DataConfig, train_config: TrainConfig, samples: Sa
             raise new_tokens_error(style.name)
         print(f"added special tokens for {style.name}; embeddings resized to {net.config.vocab_size}")
     if lora.enabled:
-        net = apply_lora(net, lora, base=model, device=train_device(train_config), seed=train_config.seed)
+        net = apply_lora(net, lora, base=model, device=train_device(train_config.device), seed=train_config.seed)
     else:
         print(f"full fine-tuning: {format_counts(net)}")
     print(sft_data.summary())
@@ -167,27 +195,10 @@ def check_choices(data: DataConfig) -> None:
             raise ValueError(f"data.{key} {value!r} is unknown; choose one of: {', '.join(allowed)}")
 
 
-def check_run_dir(run_dir: Path, resume: bool) -> None:
-    """The run directory takes writes and holds no earlier run (unless resuming it).
-
-    Checked before config.yaml is written, so a refused run leaves an earlier run's files as they were.
-    """
-    ensure_writable_dir(run_dir)
-    if not resume and ((run_dir / METRICS_FILE).exists()
-                       or resolve_checkpoint(run_dir / "checkpoints" / "last") is not None):
-        raise FileExistsError(f"{run_dir} already holds a run (metrics.jsonl or checkpoints/last); pass "
-                              f"--train.resume true to continue it, or choose another --run_dir / --name")
-
-
 def demo_heldout() -> list[dict]:
     """The demo's held-out conversations (prompt only) with their reference answers."""
     conversations, _ = records_to_messages(load_records("demo:heldout"))
     return [{"messages": c[:-1], "reference": c[-1]["content"]} for c in conversations]
-
-
-def train_device(config: TrainConfig) -> torch.device:
-    """The device the loop will train on (train/loop.py decides the same way)."""
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
 
 
 def save_model(model, tokenizer, style: PromptStyle, path: Path) -> None:

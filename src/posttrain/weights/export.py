@@ -8,26 +8,24 @@ directory or the new one, never half of one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from posttrain.models.gpt2 import CONV1D_SUFFIXES, GPT2Config
+from posttrain.models.resize import input_embedding
 from posttrain.weights.hub import as_dtype
-
-
-
-def _embedding(model: nn.Module) -> nn.Embedding:
-    return model.transformer.wte if isinstance(model.config, GPT2Config) else model.model.embed_tokens
 
 
 def hf_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], bool]:
     """(Hugging Face state dict on the CPU, whether lm_head is tied to the input embedding)."""
-    tied = model.lm_head.weight.data_ptr() == _embedding(model).weight.data_ptr()
+    tied = model.lm_head.weight.data_ptr() == input_embedding(model).weight.data_ptr()
     gpt2 = isinstance(model.config, GPT2Config)
     out = {}
     for key, tensor in model.state_dict().items():
@@ -68,11 +66,7 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
     dtype = as_dtype(dtype) if dtype is not None else model.lm_head.weight.dtype
     state, tied = hf_state_dict(model, dtype)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_directory(out) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config(model, dtype, tied), indent=2) + "\n")
         generation = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}
@@ -82,14 +76,26 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
                           "pad_token_id": tokenizer.pad_id}
             tokenizer.save(tmp)
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
 export = save_pretrained
+
+
+@contextlib.contextmanager
+def staged_directory(out: Path) -> Iterator[Path]:
+    """A fresh hidden sibling of `out` to write a model directory into: when the block ends it
+    replaces `out` (two renames), and on any error it is removed, so `out` is never half-written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _replace_dir(new: Path, dest: Path) -> None:
@@ -113,9 +119,14 @@ def export_command(model_or_run: str, out_dir: str, dtype: str = "float32") -> P
         out_dir: where to write the directory (replaced atomically if it holds a model already).
         dtype: float32, bfloat16 or float16.
     """
+    from posttrain.generate import STYLE_FILE, saved_style
+    from posttrain.weights.checkpoint import atomic_write
     from posttrain.weights.hub import load
 
     model, tokenizer = load(model_or_run, dtype=as_dtype(dtype))
     path = save_pretrained(model, tokenizer, out_dir)
+    style = saved_style(model_or_run)
+    if style is not None:  # generate, chat and serve of the export then prompt as the run was trained
+        atomic_write(Path(path) / STYLE_FILE, json.dumps({"prompt_style": style}))
     print(f"exported {model_or_run} -> {path}")
     return path
