@@ -72,7 +72,7 @@ def lines(path) -> list[dict]:
 
 
 def run_all(data_path, out, url, **kwargs) -> dict:
-    args = dict(base_url=url, model=NAME, api_key_env=KEY_ENV, max_tokens=MAX_TOKENS, concurrency=4, progress=False,
+    args = dict(endpoint=url, model=NAME, api_key_env=KEY_ENV, max_tokens=MAX_TOKENS, concurrency=4, progress=False,
                 max_retries=1, timeout=30)
     return synth_preferences(str(data_path), str(out), **{**args, **kwargs})
 
@@ -111,7 +111,7 @@ def test_writes_valid_preference_records_in_input_order(server, data_path, unint
 
 def test_killed_halfway_and_restarted_finishes_without_duplicates(server, data_path, uninterrupted, tmp_path):
     out = tmp_path / "prefs.jsonl"
-    cmd = [sys.executable, "-m", "posttrain.cli", "synth", "preferences", str(data_path), str(out), "--base_url", server,
+    cmd = [sys.executable, "-m", "posttrain.cli", "synth", "preferences", str(data_path), str(out), "--endpoint", server,
            "--model", NAME, "--api_key_env", KEY_ENV, "--max_tokens", str(MAX_TOKENS), "--concurrency", "1",
            "--progress", "false"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
@@ -147,7 +147,7 @@ def test_unreachable_endpoint_stops_with_a_clear_error_and_keeps_the_records(ser
     assert out.read_text() == kept
     # the command line says it in one line and exits 1
     with pytest.raises(SystemExit) as e:
-        cli.main(["synth", "preferences", str(data_path), str(out), "--base_url", dead, "--model", NAME,
+        cli.main(["synth", "preferences", str(data_path), str(out), "--endpoint", dead, "--model", NAME,
                   "--max_retries", "1", "--progress", "false"])
     assert e.value.code == 1
     err = capsys.readouterr().err
@@ -235,7 +235,7 @@ def test_refused_empty_and_rejected_answers_are_counted_and_kept_apart(scripted_
     out = tmp_path / "prefs.jsonl"
     monkeypatch.setenv("SYNTH_SCRIPTED_KEY", "sk-scripted")
     calls.delay = 0.1  # answers overlap: the bound is what limits the requests in flight
-    report = synth_preferences(str(data), str(out), base_url=url, model="m", progress=False, concurrency=3,
+    report = synth_preferences(str(data), str(out), endpoint=url, model="m", progress=False, concurrency=3,
                                api_key_env="SYNTH_SCRIPTED_KEY")
     calls.delay = 0.0
     assert calls.most_in_flight == 3  # 12 requests, at most 3 at once, and really concurrent
@@ -251,9 +251,9 @@ def test_refused_empty_and_rejected_answers_are_counted_and_kept_apart(scripted_
         (4, {"chosen": "bad_request", "rejected": "bad_request"})]
     assert "maximum context length" in failed[2]["error"]
     # a second run counts them as done; --retry_failed asks for them again (and only them)
-    assert synth_preferences(str(data), str(out), base_url=url, model="m", progress=False)["requests"] == 0
+    assert synth_preferences(str(data), str(out), endpoint=url, model="m", progress=False)["requests"] == 0
     n = len(calls)
-    again = synth_preferences(str(data), str(out), base_url=url, model="m", progress=False, retry_failed=True)
+    again = synth_preferences(str(data), str(out), endpoint=url, model="m", progress=False, retry_failed=True)
     assert again["requests"] == 6 and len(calls) == n + 6 and again["written"] == 0
     assert len(lines(failed_path(out))) == 3 and lines(out) == rows
 
@@ -264,7 +264,7 @@ def test_a_run_whose_requests_are_all_rejected_stops(scripted_rewriter, tmp_path
     data.write_text(json.dumps([{"instruction": f"number 4. item {i}", "output": "x"} for i in range(9)]))
     out = tmp_path / "prefs.jsonl"
     with pytest.raises(EndpointError, match="first 5 records were all refused as bad requests.*context length"):
-        synth_preferences(str(data), str(out), base_url=url, model="m", progress=False, concurrency=1)
+        synth_preferences(str(data), str(out), endpoint=url, model="m", progress=False, concurrency=1)
     assert [f["source_index"] for f in lines(failed_path(out))] == [0, 1, 2, 3, 4] and not lines(out)
 
 
@@ -301,7 +301,7 @@ def test_an_endpoint_that_stops_answering_times_out_and_keeps_the_records(tmp_pa
         started = time.perf_counter()
         with pytest.raises(EndpointError, match=r"failed after 2 attempts: timed out.*raise timeout / max_retries"):
             # concurrency 1: two records (4 requests) in flight at most, so the first 4 are records 0 and 1
-            synth_preferences(str(data), str(out), base_url=f"http://127.0.0.1:{server.server_address[1]}",
+            synth_preferences(str(data), str(out), endpoint=f"http://127.0.0.1:{server.server_address[1]}",
                               model="m", progress=False, concurrency=1, timeout=0.3, max_retries=1)
         assert time.perf_counter() - started < 8
     finally:
@@ -352,7 +352,7 @@ def test_other_styles_chat_records_and_bad_input(scripted_rewriter, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in chats))
     out = tmp_path / "prefs.jsonl"
     template = "Rewrite `{output}` (asked: `{prompt}`) to be more {style}. correct output `{output}`"
-    synth_preferences(str(data), str(out), base_url=url, model="m", progress=False, template=template,
+    synth_preferences(str(data), str(out), endpoint=url, model="m", progress=False, template=template,
                       chosen_style="concise", rejected_style="impolite")
     # requests run concurrently: they may reach the server in any order
     assert any("more concise" in c for c in calls)
@@ -366,11 +366,11 @@ def test_other_styles_chat_records_and_bad_input(scripted_rewriter, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"instruction": "x", "output": "y"}, {"instruction": "no output"}]))
     with pytest.raises(DataError, match=r"record 1: missing field 'output'"):
-        synth_preferences(str(bad), str(tmp_path / "o.jsonl"), base_url=url, model="m", progress=False)
-    report = synth_preferences(str(bad), str(tmp_path / "o.jsonl"), base_url=url, model="m", progress=False,
+        synth_preferences(str(bad), str(tmp_path / "o.jsonl"), endpoint=url, model="m", progress=False)
+    report = synth_preferences(str(bad), str(tmp_path / "o.jsonl"), endpoint=url, model="m", progress=False,
                                skip_invalid=True)
     assert report["skipped_invalid"] == {"missing field 'output'": 1} and report["written"] == 1
-    with pytest.raises(ValueError, match="either --base_url"):
+    with pytest.raises(ValueError, match="either --endpoint"):
         synth_preferences(str(bad), str(tmp_path / "o.jsonl"), progress=False)
     with pytest.raises(ValueError, match="lacks"):
-        synth_preferences(str(bad), str(tmp_path / "o.jsonl"), base_url=url, model="m", template="{output} only")
+        synth_preferences(str(bad), str(tmp_path / "o.jsonl"), endpoint=url, model="m", template="{output} only")

@@ -2,7 +2,7 @@
 the preferred style (chosen) and once in the dispreferred one (rejected).
 
     posttrain synth preferences instruction-data.json prefs.jsonl \\
-        --base_url http://127.0.0.1:8000/v1 --model llama-3.1-70b --api_key_env OPENAI_API_KEY
+        --endpoint http://127.0.0.1:8000/v1 --model llama-3.1-70b --api_key_env OPENAI_API_KEY
 
 The default rewrite is LLMs-from-scratch's (ch. 7, preference tuning): "slightly rewrite the output
 to be more polite" (chosen) / "impolite" (rejected), keeping the change minimal. Any two styles can
@@ -250,7 +250,7 @@ async def _synthesize(endpoint: ChatEndpoint, todo: list[tuple[int, dict, list[d
             report.requests += session.requests
 
 
-def synth_preferences(data: str, out: str, base_url: str | None = None, model: str | None = None,
+def synth_preferences(data: str, out: str, endpoint: str | None = None, model: str | None = None,
                       api_key_env: str | None = None, local_model: str | None = None,
                       chosen_style: str = "polite", rejected_style: str = "impolite",
                       template: str = DEFAULT_TEMPLATE, temperature: float = 0.0, seed: int | None = None,
@@ -264,7 +264,7 @@ def synth_preferences(data: str, out: str, base_url: str | None = None, model: s
     Args:
         data: instruction data: a file or folder (json, jsonl, csv, parquet), URL or hub dataset id.
         out: output .jsonl file (appended to and resumed).
-        base_url: OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 or https://api.openai.com/v1.
+        endpoint: base URL of an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 or https://api.openai.com/v1.
         model: model name at that endpoint.
         api_key_env: environment variable holding the endpoint's API key (none for a server without one).
         local_model: instead of an endpoint: a posttrain model (path, run directory, preset), run here.
@@ -286,11 +286,11 @@ def synth_preferences(data: str, out: str, base_url: str | None = None, model: s
         missing = [f for f in ("{prompt}", "{output}", "{style}") if f not in text]
         if missing:
             raise ValueError(f"{name} must contain the fields {{prompt}}, {{output}} and {{style}}; it lacks {missing}")
-    if (base_url is None) == (local_model is None):
-        raise ValueError("give either --base_url (with --model) for an OpenAI-compatible endpoint, or --local_model "
+    if (endpoint is None) == (local_model is None):
+        raise ValueError("give either --endpoint (with --model) for an OpenAI-compatible endpoint, or --local_model "
                          "for a posttrain model run here")
-    if base_url is not None and not model:
-        raise ValueError("--model is required with --base_url: the model name the endpoint serves")
+    if endpoint is not None and not model:
+        raise ValueError("--model is required with --endpoint: the model name the endpoint serves")
     out_path = Path(out)
     records = load_records(data)[:limit]
     if not records:
@@ -319,7 +319,7 @@ def synth_preferences(data: str, out: str, base_url: str | None = None, model: s
 
     endpoint = (ChatEndpoint.local(local_model, concurrency=concurrency, timeout=timeout, max_retries=max_retries)
                 if local_model is not None else
-                ChatEndpoint(base_url, model, api_key_env, timeout=timeout, max_retries=max_retries,
+                ChatEndpoint(endpoint, model, api_key_env, timeout=timeout, max_retries=max_retries,
                              concurrency=concurrency))
     from tqdm.auto import tqdm
 
