@@ -122,6 +122,14 @@ def test_offline_default_resolves_to_packaged_gguf(smollm2_gguf_path, hf_cache):
     assert source.kind == "gguf" and source.path == smollm2_gguf_path
 
 
+def test_a_folder_named_like_a_preset_does_not_hide_it(smollm2_gguf_path, hf_cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smollm2-135m-instruct" / "eval").mkdir(parents=True)  # e.g. eval outputs named after the model
+    assert resolve("smollm2-135m-instruct").path == smollm2_gguf_path
+    with pytest.raises(ValueError, match="not a model directory"):  # ./name still means the folder
+        resolve("./smollm2-135m-instruct")
+
+
 # -- export -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama3", "qwen2"])

@@ -59,9 +59,17 @@ def resolve(name_or_path: str | os.PathLike, weights: bool = True) -> Source:
     """
     name = str(name_or_path)
     path = Path(name).expanduser()
+    explicit_path = name.endswith(".gguf") or name.startswith((".", "/", "~"))
+    hub_id = name.count("/") == 1 and all(name.split("/"))
     if path.exists():
-        return _local_source(path, name)
-    if name.endswith(".gguf") or name.startswith((".", "/", "~")):
+        try:
+            return _local_source(path, name)
+        except ValueError:
+            # A folder that merely shares a preset's or a hub id's name (an eval output folder named
+            # after the model, say) must not hide that model; ./name still means the folder.
+            if explicit_path or not (name in PRESETS or hub_id):
+                raise
+    if explicit_path:
         raise FileNotFoundError(f"no such file or directory: {name}")
     if name == OFFLINE_DEFAULT:
         gguf_path = offline_default_gguf()
@@ -70,7 +78,7 @@ def resolve(name_or_path: str | os.PathLike, weights: bool = True) -> Source:
         # Not installed: the hub has the same model (it needs network or a warm cache).
     if name in PRESETS:
         return Source("dir", hub_snapshot(PRESETS[name].hub_id, weights=weights), name)
-    if name.count("/") == 1 and all(name.split("/")):
+    if hub_id:
         return Source("dir", hub_snapshot(name, weights=weights), name)
     raise ValueError(f"unknown model {name!r}: not a local path, a hub id (org/name) or a preset. "
                      f"Presets: {', '.join(sorted(PRESETS))}")
