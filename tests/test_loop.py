@@ -237,6 +237,18 @@ def test_unwritable_run_dir_fails_before_training(tmp_path):
     assert calls == []
 
 
+@pytest.mark.parametrize("mode", ["padding", "packed", "concat"])
+def test_tokens_seen_counts_real_tokens_not_pads(tmp_path, mode):
+    from posttrain.data.batching import BatchLoader
+    from posttrain.data.tokenize import TokenizedDataset
+
+    examples = [([3] * n, [False] + [True] * (n - 1)) for n in (5, 9, 2, 7, 4, 11)]
+    loader = BatchLoader(TokenizedDataset.from_examples(examples), mode=mode, batch_size=2, max_length=16, seed=0)
+    train(tiny_model(), quiet(epochs=1, log_every=1, tensorboard=False), loader, sft_loss, tmp_path / "run")
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert rows[-1]["tokens_seen"] == 5 + 9 + 2 + 7 + 4 + 11  # not rows x padded length
+
+
 def test_loss_goes_down_on_a_repeated_batch(tmp_path):
     batch = next(Shuffled(n_examples=4, batch_size=4).epoch(0))
     train(tiny_model(), quiet(lr=3e-3, max_steps=40, warmup_steps=4, tensorboard=False), [batch], sft_loss,

@@ -174,6 +174,17 @@ class Calls(list):
         self.lock = threading.Lock()
 
 
+def reply_chat(handler: BaseHTTPRequestHandler, text: str) -> None:
+    """Answer an OpenAI chat completion request with `text`."""
+    data = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                    "finish_reason": "stop"}]}).encode()
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 @pytest.fixture
 def scripted_rewriter():
     """A real HTTP server that rewrites politely, refuses impolite rewrites of record 2, answers record 3
@@ -212,13 +223,7 @@ def scripted_rewriter():
                 text = "  "
             else:
                 text = ("Ugh. " if rude else "Certainly! ") + content.split("correct output `")[1].split("`")[0]
-            data = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                            "finish_reason": "stop"}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            reply_chat(self, text)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -284,13 +289,7 @@ def test_an_endpoint_that_stops_answering_times_out_and_keeps_the_records(tmp_pa
                 release.wait(10)  # hangs (until the test ends)
                 return
             text = "Fine: " + body["messages"][-1]["content"][-20:]
-            data = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                            "finish_reason": "stop"}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            reply_chat(self, text)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -172,7 +172,8 @@ def pad_examples(examples: Sequence[tuple[np.ndarray, np.ndarray]], pad_id: int,
         input_ids[r, :len(ids)] = torch.as_tensor(np.asarray(ids, dtype=np.int64))
         targets[r, :len(ids)] = torch.from_numpy(example_targets(ids, trainable))
     position_ids = torch.arange(T).expand(len(examples), T).clone()
-    return {"input_ids": input_ids, "targets": targets, "position_ids": position_ids, "document_ids": None}
+    return {"input_ids": input_ids, "targets": targets, "position_ids": position_ids, "document_ids": None,
+            "num_tokens": sum(len(ids) for ids, _ in examples)}
 
 
 class BatchLoader:
@@ -260,4 +261,5 @@ class BatchLoader:
         r = self.rows
         return {"input_ids": torch.from_numpy(r.input_ids[idx]), "targets": torch.from_numpy(r.targets[idx]),
                 "position_ids": torch.from_numpy(r.position_ids[idx]),
-                "document_ids": torch.from_numpy(r.document_ids[idx])}
+                "document_ids": torch.from_numpy(r.document_ids[idx]),
+                "num_tokens": sum(seg[3] for i in idx for seg in r.segments[int(i)])}

@@ -300,7 +300,8 @@ def collate_pairs(pairs: PreferencePairs, idx: Sequence[int], pad_id: int, mode:
             col += n
         document_ids[r, col:] = len(row)  # the pad tail is a document of its own; its positions stay 0
     batch = {"input_ids": torch.from_numpy(input_ids), "targets": torch.from_numpy(targets),
-             "sequence_ids": torch.from_numpy(sequence_ids), "pair_ids": torch.tensor(idx, dtype=torch.long)}
+             "sequence_ids": torch.from_numpy(sequence_ids), "pair_ids": torch.tensor(idx, dtype=torch.long),
+             "num_tokens": sum(len(ids) for ids, _ in seqs)}
     if mode == "padding":  # pads come last in every row: causal attention already keeps them unseen
         batch["position_ids"] = torch.arange(T).expand(R, T).clone()
         batch["document_ids"] = None

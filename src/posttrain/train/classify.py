@@ -160,7 +160,8 @@ def collate(ids: Sequence[np.ndarray], pad_id: int, padding_side: str = "right",
         span = slice(0, len(x)) if padding_side == "right" else slice(T - len(x), T)
         input_ids[r, span] = torch.from_numpy(np.asarray(x, dtype=np.int64))
         mask[r, span] = True
-    batch = {"input_ids": input_ids, "attention_mask": mask, "position_ids": None, "document_ids": None}
+    batch = {"input_ids": input_ids, "attention_mask": mask, "position_ids": None, "document_ids": None,
+             "num_tokens": sum(len(x) for x in ids)}
     if padding_side == "left" and not bool(mask.all()):
         batch["position_ids"] = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
         batch["document_ids"] = torch.where(mask, 0, -1)

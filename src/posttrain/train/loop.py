@@ -195,7 +195,10 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 def _n_tokens(batch: dict) -> int:
-    """Tokens the model reads: every *input_ids tensor (DPO batches carry chosen_ and rejected_ ones)."""
+    """Real (non-pad) tokens the model reads: the batch's `num_tokens` (every collate in posttrain
+    counts them), else every slot of its *input_ids tensors. Tokens seen and tokens/s count these."""
+    if "num_tokens" in batch:
+        return int(batch["num_tokens"])
     return sum(v.numel() for k, v in batch.items() if k.endswith("input_ids") and isinstance(v, torch.Tensor))
 
 
