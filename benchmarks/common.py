@@ -66,9 +66,10 @@ def print_guarded(measure: Callable[[], dict], device: torch.device, **labels) -
 
 
 def bench_device() -> torch.device:
-    """DEVICE from the environment; `auto` (the default) takes CUDA when there is one."""
-    name = os.environ.get("DEVICE", "auto")
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    """DEVICE from the environment; `auto` (the default) takes CUDA when there is one, as training does."""
+    from posttrain.train.run import train_device
+
+    return train_device(os.environ.get("DEVICE", "auto"))
 
 
 def machine_name(device: torch.device) -> str:

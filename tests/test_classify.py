@@ -23,7 +23,7 @@ from posttrain.models.registry import PRESETS, build_model
 from posttrain.runlog import read_jsonl
 from posttrain.train.classify import (ClassificationBatches, ClassifyDataConfig, EvalConfig, HeadConfig,
                                       check_options, classification_loss, classify, classify_train_config, collate,
-                                      fixed_length)
+                                      cut_to_length, fixed_length)
 from posttrain.train.loop import TrainConfig
 from posttrain.weights import save_pretrained
 
@@ -137,6 +137,8 @@ def test_pooling_last_with_right_padding_pads_every_row_to_the_longest_training_
     ids = [np.arange(1, n + 1) for n in (3, 7, 2)]
     assert fixed_length(ids, "last", "right") == 7
     assert fixed_length(ids, "last", "left") is None and fixed_length(ids, "last-nonpad", "right") is None
+    cut, truncated = cut_to_length({"train": ids, "test": [np.arange(9), np.arange(4)]}, {"train": 0, "test": 1}, 7)
+    assert [len(x) for x in cut["test"]] == [7, 4] and truncated == {"train": 0, "test": 2}  # counted, not silent
     batches = ClassificationBatches(ids[::2], [0, 1], batch_size=2, pad_id=99, pad_to=7)
     batch = next(batches.epoch(0))
     assert batch["input_ids"].tolist() == [[1, 2, 3, 99, 99, 99, 99], [1, 2, 99, 99, 99, 99, 99]]

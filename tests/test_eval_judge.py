@@ -288,14 +288,19 @@ def test_an_item_over_the_judges_context_fails_alone_and_is_asked_again(tmp_path
         assert {r["index"]: r["score"] for r in lines}[2] == 20 and summary["failed"] == 1
         assert summary["scored"] == 5 and summary["mean"] == pytest.approx(22.0)
 
-        # every item refused: not one item's problem, a clear error; the reasons stay in the file
+        # every item refused: not one item's problem; the run stops after the first 8 refusals (not one
+        # request per item) with a clear error, and the reasons stay in the file
         (tmp_path / "all").mkdir()
-        fresh = write_responses(tmp_path / "all" / "responses-test.jsonl", 3)
-        server.too_long = {0, 1, 2}
-        with pytest.raises(EndpointError, match=r"refused every request \(3 failed, none answered\).*maximum "
+        fresh = write_responses(tmp_path / "all" / "responses-test.jsonl", 20)
+        server.too_long = set(range(20))
+        served = len(server.requests)
+        with pytest.raises(EndpointError, match=r"refused the first 8 requests and answered none.*maximum "
                                                 r"context length"):
-            judge_command(str(fresh), server.url, MODEL, progress=False)
-        assert {r["status"] for r in scores_by_index(tmp_path / "all" / "judge-test.jsonl").values()} == {"failed"}
+            judge_command(str(fresh), server.url, MODEL, progress=False, concurrency=1)
+        asked = len(server.requests) - served
+        assert 8 <= asked <= 9  # 8, and the one request the single worker had already started
+        saved = scores_by_index(tmp_path / "all" / "judge-test.jsonl")
+        assert len(saved) == asked and {r["status"] for r in saved.values()} == {"failed"}
 
 
 def test_endpoint_down_is_a_clear_error_and_nothing_is_written(tmp_path):

@@ -201,10 +201,11 @@ def test_final_model_exports_chats_and_serves_in_the_runs_style(mode_runs, tmp_p
     assert exported.state_dict().keys() == net.state_dict().keys()
     assert all(torch.equal(v, exported.state_dict()[k]) for k, v in net.state_dict().items())
 
-    monkeypatch.setattr("sys.stdin", io.StringIO(prompt + "\n/exit\n"))
     capsys.readouterr()
-    cli.main(["chat", str(run_dir), "--temperature", "0", "--max_new_tokens", "12", "--device", "cpu"])
-    assert f"> {reply}\n" in capsys.readouterr().out
+    for model in (run_dir, tmp_path / "exported"):  # the export carries the run's style (posttrain.json)
+        monkeypatch.setattr("sys.stdin", io.StringIO(prompt + "\n/exit\n"))
+        cli.main(["chat", str(model), "--temperature", "0", "--max_new_tokens", "12", "--device", "cpu"])
+        assert f"> {reply}\n" in capsys.readouterr().out
 
     with running_server(run_dir, tmp_path, "--name", "run") as url:
         response = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={

@@ -128,6 +128,9 @@ def test_a_folder_named_like_a_preset_does_not_hide_it(smollm2_gguf_path, hf_cac
     assert resolve("smollm2-135m-instruct").path == smollm2_gguf_path
     with pytest.raises(ValueError, match="not a model directory"):  # ./name still means the folder
         resolve("./smollm2-135m-instruct")
+    (tmp_path / "runs" / "sft-x" / "checkpoints").mkdir(parents=True)  # a run still training: no model/ yet
+    with pytest.raises(ValueError, match="not a model directory"):  # not sent to the hub as an org/name id
+        resolve("runs/sft-x")
 
 
 # -- export -------------------------------------------------------------------------------------------

@@ -84,13 +84,13 @@ class LoraConfig:
             adapters in bf16; unset: the base in full precision.
     """
 
-    r: int = 0                         # rank of each update; 0: LoRA off
-    alpha: float = 16.0                # the update is scaled by alpha / r (rslora: alpha / sqrt(r))
-    dropout: float = 0.05              # dropout on the adapters' input (training only)
-    targets: str | list[str] = "all-linear"  # attn | mlp | all-linear | module names, e.g. q_proj,v_proj
-    variant: str = "lora"              # lora | rslora | dora
-    init: str = "default"              # default (A random, B zero: starts as the base) | gaussian | orthogonal
-    quantize: str | None = None        # nf4 | fp4: QLoRA, the base in 4-bit (bitsandbytes, CUDA only)
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: str | list[str] = "all-linear"
+    variant: str = "lora"
+    init: str = "default"
+    quantize: str | None = None
 
     @property
     def enabled(self) -> bool:
@@ -447,9 +447,11 @@ def hf_base(base: str | None) -> tuple[str | None, str | None]:
     return base, base
 
 
-def save_adapter(model: nn.Module, tokenizer, out_dir: str | os.PathLike, base: str | None = None) -> Path:
+def save_adapter(model: nn.Module, tokenizer, out_dir: str | os.PathLike, base: str | None = None,
+                 extra_files: dict[str, str] | None = None) -> Path:
     """Write the adapter as peft does (adapter_config.json, adapter_model.safetensors), the tokenizer,
-    and posttrain_adapter.json (the base); atomically (a sibling folder renamed into place).
+    posttrain_adapter.json (the base) and `extra_files` (name -> text); atomically (a sibling folder
+    renamed into place).
 
     adapter_config.json is written for transformers' model of the base: task_type CAUSAL_LM,
     base_model_name_or_path its hub id or path, fan_in_fan_out true for GPT-2 (Conv1D there).
@@ -476,6 +478,8 @@ def save_adapter(model: nn.Module, tokenizer, out_dir: str | os.PathLike, base: 
         (tmp / BASE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return out
 
 
@@ -561,7 +565,6 @@ def merge_command(run: str, out_dir: str, dtype: str = "float32") -> Path:
         dtype: float32, bfloat16 or float16.
     """
     from posttrain.generate import STYLE_FILE
-    from posttrain.weights.checkpoint import atomic_write
     from posttrain.weights.export import save_pretrained
     from posttrain.weights.hub import as_dtype
 
@@ -571,8 +574,8 @@ def merge_command(run: str, out_dir: str, dtype: str = "float32") -> Path:
         raise FileNotFoundError(f"{run}: no LoRA adapter there (expected {path / 'model' / ADAPTER_CONFIG}); a "
                                 f"run trained without --lora.r holds a full model: `posttrain export` writes it")
     model, tokenizer = load_adapter(directory, torch.float32, "cpu", merge=True, with_tokenizer=True)
-    out = save_pretrained(model, tokenizer, out_dir, dtype=as_dtype(dtype))
-    if (directory / STYLE_FILE).is_file():
-        atomic_write(out / STYLE_FILE, (directory / STYLE_FILE).read_text())
+    style_file = directory / STYLE_FILE
+    out = save_pretrained(model, tokenizer, out_dir, dtype=as_dtype(dtype),
+                          extra_files={STYLE_FILE: style_file.read_text()} if style_file.is_file() else None)
     print(f"merged the adapter of {run} into its base -> {out}")
     return out

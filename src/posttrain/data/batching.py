@@ -9,6 +9,8 @@ Every batch is a dict of torch tensors:
 - `position_ids` (B, T) long: restart at 0 for every document of a row.
 - `document_ids` (B, T) long, or None in padding mode: the model lets a token attend only to
   earlier tokens with the same id, so packed examples never see each other.
+- `num_tokens` int: the real (non-pad) tokens of the batch; the loop counts tokens seen and
+  tokens/s with it.
 
 Modes:
 

@@ -166,7 +166,7 @@ class JudgeClient:
         try:
             return self.endpoint.chat(messages, 0.0, seed if self.send_seed else None, max_tokens).text
         except EndpointError as e:
-            if e.status == 400 and seed is not None and self.send_seed and "seed" in str(e).lower():
+            if e.status in (400, 422) and seed is not None and self.send_seed and "seed" in str(e).lower():
                 self.send_seed = False  # "a fixed seed where the server accepts one"
                 return self.endpoint.chat(messages, 0.0, None, max_tokens).text
             raise
@@ -444,7 +444,7 @@ def judge_command(responses: str, endpoint: str = "http://127.0.0.1:8000/v1", mo
         model = next((r.get("judge") for r in read_judged(scores_path, None, judge_prompt).values()), None)
     done = read_judged(scores_path, model, judge_prompt) if model else {}
     # items not judged yet, and those the server refused last time (asked again)
-    todo = [r for r in rows if done.get(int(r["index"]), {}).get("status", "failed") == "failed"]
+    todo = [r for r in rows if int(r["index"]) not in done or done[int(r["index"])].get("status") == "failed"]
     retried = sum(int(r["index"]) in done for r in todo)
     print(f"judging {len(todo)} of {len(rows)} responses with {model} at {endpoint}"
           + (f" ({len(rows) - len(todo)} already in {scores_path})" if len(todo) < len(rows) else "")
@@ -495,11 +495,14 @@ def _judge_all(client: JudgeClient, prompt: JudgePrompt, rows: list[dict], path:
     error says how many. An item the server refused alone (judge_one's "failed") is saved like the rest.
     """
     written, error = 0, None
+    # A refusal that concerns every request (--max_tokens over the server's limit, say) shows in the
+    # first answers: after this many refusals and no answer, stop instead of asking for every item.
+    all_refused_after, refused, answered = min(len(rows), max(concurrency, 8)), 0, 0
     with open(path, "a") as f, ThreadPoolExecutor(max_workers=concurrency) as pool:
         pending = {pool.submit(judge_one, client, prompt, row, retries, seed, max_tokens): row for row in rows}
 
         def save(future) -> None:
-            nonlocal written, error
+            nonlocal written, error, refused, answered
             row = pending.pop(future)
             if future.cancelled():
                 return
@@ -512,6 +515,10 @@ def _judge_all(client: JudgeClient, prompt: JudgePrompt, rows: list[dict], path:
             f.flush()  # on disk before anything else can fail
             written += 1
             bar.update(1)
+            refused, answered = refused + (record["status"] == "failed"), answered + (record["status"] != "failed")
+            if not answered and refused == all_refused_after and error is None:
+                error = EndpointError(f"the judge refused the first {refused} requests and answered none; the "
+                                      f"first reason: {record.get('error')}", record.get("http_status"))
 
         try:
             while pending and error is None:

@@ -1,8 +1,8 @@
 """What GPT-2 and the Llama family share: config.json round trips, the LM head, init, the KV cache.
 
-A config dataclass (fields = Hugging Face config.json keys) also answers to the family-neutral
+A config dataclass (fields = Hugging Face config.json keys) must also answer to the family-neutral
 names the rest of posttrain uses: `num_layers`, `num_kv_heads`, `head_dim`, `hidden_size`,
-`max_length`, `vocab_size`, `model_type`, `bos_token_id`, `eos_token_id`.
+`max_length`, `vocab_size`, `model_type`, `bos_token_id`, `eos_token_id` (each family defines them).
 
 A model subclasses `CausalLM`, sets `self.config` and `self.lm_head`, and defines `hidden`
 (token ids -> final-normed hidden states); `forward` and `new_cache` follow from those.

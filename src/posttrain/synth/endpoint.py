@@ -62,7 +62,7 @@ def normalize_base_url(base_url: str) -> str:
     """`http://host:port` -> `http://host:port/v1` (OpenAI's layout); a URL with a path is kept as it is."""
     parts = urlsplit(base_url.strip())
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"base_url {base_url!r} is not an http(s) URL such as http://127.0.0.1:8000/v1")
+        raise ValueError(f"endpoint {base_url!r} is not an http(s) URL such as http://127.0.0.1:8000/v1")
     path = parts.path.rstrip("/") or "/v1"
     return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 

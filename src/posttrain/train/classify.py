@@ -170,6 +170,14 @@ def collate(ids: Sequence[np.ndarray], pad_id: int, padding_side: str = "right",
     return batch
 
 
+def cut_to_length(token_ids: dict[str, list[np.ndarray]], truncated: dict[str, int], length: int
+                  ) -> tuple[dict[str, list[np.ndarray]], dict[str, int]]:
+    """Every split's texts cut to `length` tokens, and the per-split truncation counts with these cuts
+    added (val/test texts longer than the longest training text are cut: counted, never silently)."""
+    counts = {s: truncated.get(s, 0) + sum(len(x) > length for x in ids) for s, ids in token_ids.items()}
+    return {s: [x[:length] for x in ids] for s, ids in token_ids.items()}, counts
+
+
 def fixed_length(train_ids: Sequence[np.ndarray], pooling: str, padding_side: str) -> int | None:
     """The one length every text is cut and padded to, or None (batches padded to their longest example).
 
@@ -391,13 +399,13 @@ def run_classify(model: str, data: ClassifyDataConfig, head: HeadConfig, train_c
         if getattr(labelled, s):
             token_ids[s], truncated[s] = tokenize_texts([e.text for e in getattr(labelled, s)], tokenizer,
                                                         data.max_length)
-    if any(truncated.values()):
-        print(f"texts longer than max_length {data.max_length} (first tokens kept): {truncated}")
     pad_to = fixed_length(token_ids["train"], head.pooling, data.padding_side)
     if pad_to is not None:
-        token_ids = {s: [x[:pad_to] for x in ids] for s, ids in token_ids.items()}
+        token_ids, truncated = cut_to_length(token_ids, truncated, pad_to)
         print(f"pooling last with right padding: every text cut and padded to {pad_to} tokens (the longest "
               f"training text)")
+    if any(truncated.values()):
+        print(f"texts cut to {pad_to or data.max_length} tokens (first tokens kept): {truncated}")
 
     def batches(split: str, shuffle: bool, batch_size: int) -> ClassificationBatches | None:
         if split not in token_ids:

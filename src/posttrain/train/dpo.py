@@ -36,7 +36,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -138,6 +138,7 @@ class PreferenceSampleConfig:
 
     Attributes:
         prompts: val prompts answered at each evaluation (samples.jsonl)
+        max_new_tokens: most tokens of each sample answer
     """
     prompts: int = 3
     max_new_tokens: int = 64
@@ -400,8 +401,9 @@ def run_dpo(model: str, data: PreferenceDataConfig, loss: PreferenceLossConfig, 
         print(f"added special tokens for {style.name}; embeddings resized to {net.config.vocab_size}")
     if lora.enabled:  # before the reference: with QLoRA it is the 4-bit base the policy starts from
         net = apply_lora(net, lora, base=model, device=device, seed=train_config.seed)
-    if disable_dropout(net):
+    if disable_dropout(net):  # config.yaml records it: lora.dropout, as asked, is not what trained
         print("dropout disabled: policy and reference log-probs must be the same function of the weights")
+        lora = replace(lora, dropout=0.0) if lora.enabled else lora
     print(f"prompt style {style.name}\n{prefs.summary()}")
     train_batches = PairLoader(prefs.train, data.batching, data.batch_size, data.max_length, tokenizer.pad_id,
                                shuffle=True, seed=data.seed)

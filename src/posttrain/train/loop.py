@@ -14,7 +14,8 @@ Batch sources: anything with `len()` (micro-batches per epoch) and `epoch(epoch,
 epoch's micro-batches from index `start` on, in an order fixed by the epoch: resume depends on it;
 `posttrain.data.batching.BatchLoader` is one), or a plain list of batches (same order every
 epoch). A batch is a dict of tensors: `input_ids`, `targets` (-100 = not trained), `position_ids`,
-`document_ids` for SFT; whatever its loss function reads for other tasks.
+`document_ids` for SFT; whatever its loss function reads for other tasks; and optionally
+`num_tokens`, its real (non-pad) token count for tokens seen and tokens/s (else every slot counts).
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ import torch
 import torch.nn as nn
 
 from posttrain.report import plot_run
-from posttrain.runlog import METRICS_FILE, RunLog
+from posttrain.runlog import RunLog
 from posttrain.train.losses import LossFn, count_units
 from posttrain.train.optim import build_optimizer, build_scheduler, param_groups
-from posttrain.train.run import train_device
+from posttrain.train.run import check_run_dir, train_device
 from posttrain.weights.checkpoint import ensure_writable_dir, load_checkpoint, resolve_checkpoint, save_checkpoint
 
 PRECISIONS = ("auto", "bf16-mixed", "bf16-true", "fp16", "fp32")
@@ -72,7 +73,7 @@ class TrainConfig:
         log_every: steps between metrics.jsonl rows (evaluation steps always log).
         save_every: steps between checkpoints/last; 0: at the end (and on Ctrl-C/SIGTERM).
         seed: random seed of the run.
-        resume: continue exactly from <run_dir>/checkpoints/last.
+        resume: continue exactly from <run_dir>/checkpoints/last when it exists (else start afresh).
         best_metric: validation metric that picks checkpoints/best.
         best_mode: min | max: whether lower or higher best_metric is better.
         device: cuda, cpu, ...; auto: cuda when available, else cpu.
@@ -172,7 +173,10 @@ def _resolve_precision(name: str, device: torch.device) -> str:
         raise ValueError(f"precision {name!r} is unknown; choose one of {', '.join(PRECISIONS)}")
     if name == "auto":
         return "bf16-mixed" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return name  # fp16 runs anywhere autocast and GradScaler do (CUDA; also the CPU, slowly: tests use it)
+    if name == "fp16" and device.type != "cuda":  # it runs (the tests use it), but it is no CPU format
+        warnings.warn("precision fp16 on a CPU is slow and gains nothing there; bf16-mixed or fp32 are the "
+                      "CPU's formats")
+    return name  # fp16 runs anywhere autocast and GradScaler do
 
 
 def _autocast(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
@@ -315,9 +319,8 @@ def train(model: nn.Module, config: TrainConfig, train_data, loss_fn: LossFn, ru
         if changed:
             warnings.warn(f"resuming {last_dir} with changed settings (saved, now): {changed}; the run "
                           f"will not equal an uninterrupted one")
-    elif not cfg.resume and ((run_dir / METRICS_FILE).exists() or resolve_checkpoint(last_dir) is not None):
-        raise FileExistsError(f"{run_dir} already holds a run (metrics.jsonl or checkpoints/last); pass "
-                              f"resume=True to continue it, or choose a new run directory")
+    elif not cfg.resume:
+        check_run_dir(run_dir, resume=False)
     if cfg.compile:
         _compile_blocks(model, cfg.compile if isinstance(cfg.compile, str) else "inductor")
 

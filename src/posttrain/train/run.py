@@ -30,7 +30,8 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
     if not resume and ((run_dir / METRICS_FILE).exists()
                        or resolve_checkpoint(run_dir / "checkpoints" / "last") is not None):
         raise FileExistsError(f"{run_dir} already holds a run (metrics.jsonl or checkpoints/last); pass "
-                              f"--train.resume true to continue it, or choose another --run_dir / --name")
+                              f"--train.resume true (TrainConfig(resume=True)) to continue it, or choose "
+                              f"another --run_dir / --name")
 
 
 def train_device(name: str) -> torch.device:

@@ -204,11 +204,11 @@ def demo_heldout() -> list[dict]:
 def save_model(model, tokenizer, style: PromptStyle, path: Path) -> None:
     """The final model in Hugging Face format (a LoRA model: its adapter in PEFT format), plus the prompt
     style that generation must use."""
+    style_file = {STYLE_FILE: json.dumps({"prompt_style": style.name})}  # written inside the atomic folder
     if is_lora_model(model):
-        save_adapter(model, tokenizer, path)
+        save_adapter(model, tokenizer, path, extra_files=style_file)
     else:
-        save_pretrained(model, tokenizer, path)
-    atomic_write(Path(path) / STYLE_FILE, json.dumps({"prompt_style": style.name}))
+        save_pretrained(model, tokenizer, path, extra_files=style_file)
 
 
 def sample_messages(sft_data: SFTData, n: int) -> list[list[dict]]:

@@ -49,11 +49,12 @@ def hf_config(model: nn.Module, dtype: torch.dtype, tied: bool) -> dict:
 
 
 def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
-                    dtype: torch.dtype | str | None = None) -> Path:
+                    dtype: torch.dtype | str | None = None, extra_files: dict[str, str] | None = None) -> Path:
     """Write `model` (and `tokenizer`, when given) as a Hugging Face directory; return its path.
 
     Files: config.json, model.safetensors, generation_config.json, and the tokenizer's
-    tokenizer.json, tokenizer_config.json (with the chat template), special_tokens_map.json.
+    tokenizer.json, tokenizer_config.json (with the chat template), special_tokens_map.json;
+    `extra_files` (name -> text) are written with them, so the directory appears whole or not at all.
     """
     from safetensors.torch import save_file
 
@@ -76,6 +77,8 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
                           "pad_token_id": tokenizer.pad_id}
             tokenizer.save(tmp)
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return out
 
 
@@ -120,13 +123,11 @@ def export_command(model_or_run: str, out_dir: str, dtype: str = "float32") -> P
         dtype: float32, bfloat16 or float16.
     """
     from posttrain.generate import STYLE_FILE, saved_style
-    from posttrain.weights.checkpoint import atomic_write
     from posttrain.weights.hub import load
 
     model, tokenizer = load(model_or_run, dtype=as_dtype(dtype))
-    path = save_pretrained(model, tokenizer, out_dir)
-    style = saved_style(model_or_run)
-    if style is not None:  # generate, chat and serve of the export then prompt as the run was trained
-        atomic_write(Path(path) / STYLE_FILE, json.dumps({"prompt_style": style}))
+    style = saved_style(model_or_run)  # generate, chat and serve of the export prompt as the run was trained
+    path = save_pretrained(model, tokenizer, out_dir,
+                           extra_files={STYLE_FILE: json.dumps({"prompt_style": style})} if style else None)
     print(f"exported {model_or_run} -> {path}")
     return path

@@ -55,19 +55,20 @@ class Source:
 def resolve(name_or_path: str | os.PathLike, weights: bool = True) -> Source:
     """The files behind a preset alias, hub id, local directory, run directory or .gguf file.
 
-    weights=False fetches only the config and tokenizer files of a hub repository.
+    An existing path wins, except that a folder holding no model yields to the preset of the same
+    name. weights=False fetches only the config and tokenizer files of a hub repository.
     """
     name = str(name_or_path)
     path = Path(name).expanduser()
     explicit_path = name.endswith(".gguf") or name.startswith((".", "/", "~"))
-    hub_id = name.count("/") == 1 and all(name.split("/"))
     if path.exists():
         try:
             return _local_source(path, name)
         except ValueError:
-            # A folder that merely shares a preset's or a hub id's name (an eval output folder named
-            # after the model, say) must not hide that model; ./name still means the folder.
-            if explicit_path or not (name in PRESETS or hub_id):
+            # A folder that merely shares a preset's name (eval outputs named after the model, say)
+            # must not hide that model; ./name still means the folder. Not for hub ids: runs/<name>
+            # of a run still training must say it holds no model, not go to the hub.
+            if explicit_path or name not in PRESETS:
                 raise
     if explicit_path:
         raise FileNotFoundError(f"no such file or directory: {name}")
@@ -78,7 +79,7 @@ def resolve(name_or_path: str | os.PathLike, weights: bool = True) -> Source:
         # Not installed: the hub has the same model (it needs network or a warm cache).
     if name in PRESETS:
         return Source("dir", hub_snapshot(PRESETS[name].hub_id, weights=weights), name)
-    if hub_id:
+    if name.count("/") == 1 and all(name.split("/")):
         return Source("dir", hub_snapshot(name, weights=weights), name)
     raise ValueError(f"unknown model {name!r}: not a local path, a hub id (org/name) or a preset. "
                      f"Presets: {', '.join(sorted(PRESETS))}")
