@@ -316,7 +316,7 @@ def test_run_directory_files(tmp_path):
     assert config["train"]["lr"] == 2e-3 and config["train"]["betas"] == [0.9, 0.999]
     assert config["model"]["path"] == "/x"
 
-    with pytest.raises(FileExistsError, match="pass resume=True"):
+    with pytest.raises(FileExistsError, match=r"already holds a run.*TrainConfig\(resume=True\)"):
         train(tiny_model(), cfg, Shuffled(), sft_loss, run_dir)
 
 
@@ -379,6 +379,7 @@ class InfiniteGradient(torch.autograd.Function):
         return grad * float("inf")
 
 
+@pytest.mark.filterwarnings("ignore:precision fp16 on a CPU")  # expected here: the CPU stands in for CUDA
 def test_fp16_scales_the_loss_and_skips_overflowing_steps(tmp_path):
     """fp16 runs under a GradScaler (on the CPU too): the loss is scaled for backward and unscaled before
     clipping (the logged grad norm is fp32's, not 65536 times it); a step whose gradients overflow is
