@@ -99,7 +99,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, state: dict,
                     optimizer: torch.optim.Optimizer | None = None, scheduler=None, scaler=None) -> Path:
     """Write a checkpoint directory atomically (see the module docstring); returns its path.
 
-    Without an optimizer (a "best" checkpoint kept for its weights) optimizer.pt is left out.
+    Without an optimizer (a checkpoint kept for its weights alone) optimizer.pt is left out.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
