@@ -136,6 +136,33 @@ def test_batched_prompts_of_different_lengths_equal_one_at_a_time(family, tokeni
     assert batched[2].ids == single[2][:single[2].index(single[2][4])] and batched[2].finish_reason == "stop"
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rows_that_join_a_running_batch_get_the_tokens_they_would_get_alone(family, tokenizer):
+    """Continuous batching: prompts admitted while others decode (longer than the running rows' filled
+    slots, which widens the cache, and shorter; greedy and seeded sampling) continue exactly as they
+    would alone, and the running rows do not notice them."""
+    model = tiny_model(family)
+    prompts = [tokenizer.encode(t) for t in PROMPTS]  # 3, 11, 1 and 4 tokens
+    configs = [GenerationConfig(max_new_tokens=12), GenerationConfig(max_new_tokens=6),
+               GenerationConfig(max_new_tokens=10, temperature=1.0, seed=5), GenerationConfig(max_new_tokens=8)]
+    alone = [generate_batch(model, tokenizer, [p], [c])[0].ids for p, c in zip(prompts, configs)]
+    widened = []
+    # running: "a" and "Hello, world" (3 slots, then 4 after a step); the 11-token prompt joins at the
+    # second step and shifts them right by 7; the 4-token one joins at the fourth; at most 3 rows at once
+    joining, calls = {2: [(prompts[1], configs[1], True)], 4: [(prompts[3], configs[3], False)]}, []
+
+    def admit(free: int) -> list:
+        calls.append(free)
+        return joining.pop(len(calls), [])
+
+    run = BatchGeneration(model, tokenizer, [prompts[2], prompts[0]], [configs[2], configs[0]], admit=admit,
+                          max_rows=3)
+    pieces = "".join(piece for row, piece in run if row == 2)  # row 2: the long joining prompt, streamed
+    assert [r.ids for r in run.results] == [alone[2], alone[0], alone[1], alone[3]]
+    assert pieces == run.results[2].text
+    assert not joining and calls[:2] == [1, 1] and all(1 <= free <= 3 for free in calls)
+
+
 def test_sampling_with_a_seed_repeats_and_seeds_differ(tokenizer):
     model = tiny_model("gpt2")
     prompts = [tokenizer.encode(PROMPTS[0])] * 2

@@ -216,3 +216,43 @@ def test_bad_requests_get_openai_shaped_4xx(served, client):
     assert r.status_code == 404 and "error" in r.json()
     # the server is still healthy after all that
     assert client.completions.create(model=NAME, prompt="ok", max_tokens=2, temperature=0).choices[0].text
+
+
+def test_a_request_that_arrives_mid_batch_joins_it_and_finishes_first(gpt2_tokenizer):
+    """Continuous batching, in-process: a short request sent while a long one decodes joins the running
+    batch and is answered before the long one ends; both answers equal generation alone."""
+    import asyncio
+
+    from posttrain.serve import Engine, Job
+
+    torch.manual_seed(0)
+    model = build_model(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=512)).eval()
+    tokenizer = gpt2_tokenizer
+    long_prompt, short_prompt = tokenizer.encode("Once upon a time"), tokenizer.encode("Hello there")
+    long_config, short_config = GenerationConfig(max_new_tokens=400), GenerationConfig(max_new_tokens=5)
+    long_alone = generate_batch(model, tokenizer, [long_prompt], [long_config])[0]
+    assert len(long_alone.ids) == 400  # no early EOS: the long request really is long
+
+    async def scenario():
+        engine = Engine(model, tokenizer, max_batch=4, batch_wait_s=0)
+        await engine.start()
+        events: asyncio.Queue = asyncio.Queue()
+        engine.submit([Job(0, long_prompt, long_config, True, events)])
+        assert (await events.get())[:2] == ("text", 0)  # the long request is decoding
+        engine.submit([Job(1, short_prompt, short_config, False, events)])
+        finished, results = [], {}
+        while len(results) < 2:
+            kind, index, payload = await events.get()
+            if kind == "error":
+                raise payload
+            if kind == "done":
+                finished.append(index)
+                results[index] = payload
+        await engine.stop()
+        return finished, results, engine.stats
+
+    finished, results, stats = asyncio.run(scenario())
+    assert finished == [1, 0]  # the short request did not wait for the long one
+    assert results[1].ids == generate_batch(model, tokenizer, [short_prompt], [short_config])[0].ids
+    assert results[0].ids == long_alone.ids
+    assert stats.batches == 1 and stats.rows == 2 and stats.largest_batch == 2

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -315,13 +315,24 @@ class BatchGeneration:
 
     Iterate it to run the decoding loop; it yields (row, text piece) whenever a streamed row
     (`stream`: True for all rows, or one flag per row) has new text that is safe to show.
-    `results` holds one Generation per prompt once the iteration is exhausted (`run()` does both). `cancel(row)` drops a row at the next step (e.g.
-    a client that hung up). The model runs in eval mode under torch.inference_mode; its training
-    flag is restored at the end.
+    `results` holds one Generation per prompt once the iteration is exhausted (`run()` does both).
+    `cancel(row)` drops a row at the next step (e.g. a client that hung up). The model runs in eval
+    mode under torch.inference_mode; its training flag is restored at the end.
+
+    Continuous batching: `admit(free)`, when given, is called before every decoding step with the
+    number of free rows (`max_rows` minus the rows still decoding) and returns new (prompt, config,
+    stream) triples; they join the batch at once (rows len(prompts), len(prompts) + 1, ... in the
+    order admitted) instead of waiting for the running rows to finish. A joining row's tokens are
+    the ones it would get alone: its prompt is prefilled on its own, then its keys and values are
+    placed beside the others' in a wider cache, the empty slots masked out. `on_finish(row, result)`,
+    when given, hears of each row the step it finishes (its last streamed piece already yielded), so
+    a short row's caller need not wait for the batch.
     """
 
     def __init__(self, model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]],
-                 configs: Sequence[GenerationConfig], stream: bool | Sequence[bool] = False):
+                 configs: Sequence[GenerationConfig], stream: bool | Sequence[bool] = False,
+                 admit: Callable[[int], list[tuple[Sequence[int], GenerationConfig, bool]]] | None = None,
+                 max_rows: int | None = None, on_finish: Callable[[int, Generation], None] | None = None):
         if len(prompts) != len(configs):
             raise ValueError(f"{len(prompts)} prompts but {len(configs)} generation configs")
         self.model, self.tokenizer = model, tokenizer
@@ -334,6 +345,8 @@ class BatchGeneration:
                      for p, c, s in zip(self.prompts, self.configs, self.stream)]
         self._cancelled: set[int] = set()
         self.results: list[Generation] | None = None
+        self.admit, self.max_rows, self.on_finish = admit, max_rows or max(len(prompts), 1), on_finish
+        self._stop_ids = stop_ids
 
     def _check_prompt(self, index: int, prompt: Sequence[int]) -> list[int]:
         prompt = [int(t) for t in prompt]
@@ -367,6 +380,46 @@ class BatchGeneration:
         finally:
             model.train(was_training)
 
+    def _prefill(self, prompts: list[list[int]], width: int, extra: int):
+        """Last-position logits of left-padded `prompts` and a cache of `width + extra` slots holding them."""
+        model, device = self.model, next(self.model.parameters()).device
+        lengths = [len(p) for p in prompts]
+        # pad slots are masked out of every real token's attention, so their token is irrelevant:
+        # id 0 exists in every vocabulary (a pad id may not, before the embeddings are resized)
+        input_ids = torch.tensor([[0] * (width - n) + p for n, p in zip(lengths, prompts)], device=device)
+        n_pad = torch.tensor([width - n for n in lengths], device=device)[:, None]
+        slot = torch.arange(width, device=device)[None]
+        document_ids = torch.where(slot < n_pad, -1, 0)  # pads: their own document, never attended to
+        position_ids = (slot - n_pad).clamp(min=0)  # count from each row's first real token
+        cache = model.new_cache(len(prompts), width + extra)
+        return _last_logits(model, input_ids, position_ids, document_ids, cache), cache
+
+    def _admit(self, active: list[int], logits, positions, cache, generators):
+        """Rows that join the running batch (see the class docstring); the decoding state, extended."""
+        free = self.max_rows - len(active)
+        joining = self.admit(free) if free > 0 else []
+        if not joining:
+            return active, logits, positions, cache
+        device = positions.device
+        first = len(self.rows)
+        prompts = [self._check_prompt(first + k, p) for k, (p, _, _) in enumerate(joining)]
+        for prompt, (_, config, stream) in zip(prompts, joining):
+            self.prompts.append(prompt)
+            self.configs.append(config)
+            self.stream.append(stream)
+            self.rows.append(_Row(self.tokenizer, len(prompt), config, self._stop_ids, self.context, stream))
+            generators.append(_generator(config.seed, device))
+        new = list(range(first, len(self.rows)))
+        # The running rows' filled slots stay right-aligned at the end of the cache; a longer joining
+        # prompt widens it, and the running rows get masked empty slots on their left.
+        filled = cache.length
+        width = max(filled, max(len(p) for p in prompts))
+        extra = max(self.rows[i].budget - self.rows[i].produced for i in active + new)
+        new_logits, new_cache = self._prefill(prompts, width, 0)
+        merged = cache.widened(width, width + extra, new_cache)
+        positions = torch.cat([positions, torch.tensor([len(p) for p in prompts], device=device)])
+        return active + new, torch.cat([logits, new_logits]), positions, merged
+
     def _decode(self) -> Iterator[tuple[int, str]]:
         model, rows = self.model, self.rows
         if not rows:
@@ -374,23 +427,15 @@ class BatchGeneration:
             return
         device = next(model.parameters()).device
         generators = [_generator(c.seed, device) for c in self.configs]
-        lengths = [len(p) for p in self.prompts]
-        width = max(lengths)
-        steps = max(r.budget for r in rows)
         with torch.inference_mode():
-            # pad slots are masked out of every real token's attention, so their token is irrelevant:
-            # id 0 exists in every vocabulary (a pad id may not, before the embeddings are resized)
-            input_ids = torch.tensor([[0] * (width - n) + p for n, p in zip(lengths, self.prompts)], device=device)
-            n_pad = torch.tensor([width - n for n in lengths], device=device)[:, None]
-            slot = torch.arange(width, device=device)[None]
-            document_ids = torch.where(slot < n_pad, -1, 0)  # pads: their own document, never attended to
-            position_ids = (slot - n_pad).clamp(min=0)  # count from each row's first real token
-            cache = model.new_cache(len(rows), width + steps)
-            logits = _last_logits(model, input_ids, position_ids, document_ids, cache)
-            positions = torch.tensor(lengths, device=device)
+            width = max(len(p) for p in self.prompts)
+            logits, cache = self._prefill(self.prompts, width, max(r.budget for r in rows))
+            positions = torch.tensor([len(p) for p in self.prompts], device=device)
         active = list(range(len(rows)))  # prompt index of each batch row still in the cache
         while True:
             with torch.inference_mode():
+                if self.admit is not None:
+                    active, logits, positions, cache = self._admit(active, logits, positions, cache, generators)
                 tokens = sample_next(logits, [self.configs[i] for i in active], [generators[i] for i in active])
                 for i, token in zip(active, tokens.tolist()):
                     rows[i].add(token)
@@ -411,6 +456,9 @@ class BatchGeneration:
                     piece = rows[i].ready()
                     if piece:
                         yield i, piece
+            if self.on_finish is not None:
+                for i in finished:
+                    self.on_finish(i, rows[i].result())
             if not active:
                 break
         self.results = [r.result() for r in rows]

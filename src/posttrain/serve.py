@@ -4,9 +4,10 @@
 127.0.0.1 unless told otherwise, with an optional API key (`Authorization: Bearer ...`). Any
 OpenAI client (the `openai` package, LangChain, the judge in posttrain.eval) can then talk to it.
 
-The model is not thread-safe, so one worker thread runs every generation. Requests that wait
-while it is busy (or arrive together) are decoded as one batch of up to `max_batch` rows by
-posttrain.generate.BatchGeneration; streamed rows receive their text pieces as they come.
+The model is not thread-safe, so one worker thread runs every generation, continuously batched:
+requests that arrive together start one batch (posttrain.generate.BatchGeneration), and a request
+that arrives while a batch decodes joins it at the next step, up to `max_batch` rows at once, so a
+short request is not held up by a long one. Streamed rows receive their text pieces as they come.
 
 Every failure a client can cause (bad JSON, wrong types, an unknown model, a prompt that does
 not fit the context, an oversized body, a wrong key) is answered with a 4xx in OpenAI's error
@@ -16,9 +17,11 @@ shape: {"error": {"message", "type", "param", "code"}}.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import json
 import os
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -171,7 +174,9 @@ class EngineStats:
 
 
 class Engine:
-    """Runs every generation on one worker thread; jobs waiting together form one batch."""
+    """Runs every generation on one worker thread, continuously batched: jobs waiting together start
+    one batch, and a job that arrives while a batch decodes joins it at the next step (up to
+    `max_batch` rows at once) instead of waiting for the batch to finish."""
 
     def __init__(self, model: nn.Module, tokenizer, max_batch: int = DEFAULT_MAX_BATCH,
                  batch_wait_s: float = 0.005):
@@ -181,11 +186,14 @@ class Engine:
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
         self.stats = EngineStats()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="posttrain-generate")
-        self._queue: asyncio.Queue[Job] | None = None
+        # Waiting jobs: taken by the scheduler (a new batch) and by the worker thread (joiners), hence a lock.
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._lock = threading.Lock()
+        self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self._queue = asyncio.Queue()
+        self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._schedule())
 
     async def stop(self) -> None:
@@ -199,44 +207,69 @@ class Engine:
 
     def submit(self, jobs: list[Job]) -> None:
         self.stats.requests += 1
-        for job in jobs:
-            self._queue.put_nowait(job)
+        with self._lock:
+            self._waiting.extend(jobs)
+        self._wake.set()
+
+    def _take(self, n: int) -> list[Job]:
+        """Up to n waiting jobs whose clients are still there, oldest first (any thread)."""
+        taken: list[Job] = []
+        with self._lock:
+            while self._waiting and len(taken) < n:
+                job = self._waiting.popleft()
+                if not job.cancelled:
+                    taken.append(job)
+        return taken
+
+    def _count(self, joined: int, running: int) -> None:
+        stats = self.stats
+        stats.rows += joined
+        stats.largest_batch = max(stats.largest_batch, running)
 
     async def _schedule(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            jobs = [await self._queue.get()]
+            await self._wake.wait()
+            self._wake.clear()
             if self.batch_wait_s:  # requests sent together arrive a moment apart
                 await asyncio.sleep(self.batch_wait_s)
-            while len(jobs) < self.max_batch and not self._queue.empty():
-                jobs.append(self._queue.get_nowait())
-            jobs = [j for j in jobs if not j.cancelled]
-            if not jobs:
-                continue
-            stats = self.stats
-            stats.batches += 1
-            stats.rows += len(jobs)
-            stats.largest_batch = max(stats.largest_batch, len(jobs))
-            stats.batch_sizes = (stats.batch_sizes + [len(jobs)])[-100:]
-            try:
-                await loop.run_in_executor(self._executor, self._run, jobs, loop)
-            except Exception as e:  # e.g. out of memory: fail these requests, keep serving
-                for job in jobs:
-                    job.events.put_nowait(("error", job.index, e))
+            while jobs := self._take(self.max_batch):
+                self.stats.batches += 1
+                self.stats.batch_sizes = (self.stats.batch_sizes + [len(jobs)])[-100:]
+                self._count(len(jobs), len(jobs))
+                try:  # the worker appends the jobs that join the batch to `jobs`
+                    await loop.run_in_executor(self._executor, self._run, jobs, loop)
+                except Exception as e:  # e.g. out of memory: fail these requests, keep serving
+                    for job in jobs:
+                        job.events.put_nowait(("error", job.index, e))
 
     def _run(self, jobs: list[Job], loop: asyncio.AbstractEventLoop) -> None:
         """On the worker thread: decode the batch, handing text pieces and results to the event loop."""
+
+        def admit(free: int) -> list[tuple[list[int], GenerationConfig, bool]]:
+            joining = self._take(free)
+            for job in joining:
+                job.run, job.row = run, len(jobs)
+                jobs.append(job)
+                if job.cancelled:  # hung up while being taken
+                    run.cancel(job.row)
+            self._count(len(joining), self.max_batch - free + len(joining))
+            return [(j.prompt, j.config, j.stream) for j in joining]
+
+        def finish(row: int, result) -> None:  # answered the step it ends, not when the batch does
+            job = jobs[row]
+            loop.call_soon_threadsafe(job.events.put_nowait, ("done", job.index, result))
+
         run = BatchGeneration(self.model, self.tokenizer, [j.prompt for j in jobs], [j.config for j in jobs],
-                              stream=[j.stream for j in jobs])
-        for row, job in enumerate(jobs):
+                              stream=[j.stream for j in jobs], admit=admit, max_rows=self.max_batch,
+                              on_finish=finish)
+        for row, job in enumerate(list(jobs)):
             job.run, job.row = run, row
             if job.cancelled:  # hung up between scheduling and now
                 run.cancel(row)
         for row, piece in run:
             job = jobs[row]
             loop.call_soon_threadsafe(job.events.put_nowait, ("text", job.index, piece))
-        for job, result in zip(jobs, run.results):
-            loop.call_soon_threadsafe(job.events.put_nowait, ("done", job.index, result))
 
 
 # -- the app -------------------------------------------------------------------------------------

@@ -351,7 +351,7 @@ def train(model: nn.Module, config: TrainConfig, train_data, loss_fn: LossFn, ru
     log = RunLog(run_dir, total_steps, pos["step"], cfg.tensorboard, cfg.progress)
     if cfg.eval_on_start and pos["step"] == 0 and (val_source is not None or sample_fn is not None):
         # The untrained model's metrics as step 0: the baseline every later evaluation is read against.
-        # Not a "best" candidate: checkpoints/best holds trained weights only.
+        # Not a "best" candidate: checkpoints/best only ever holds a state reached by training.
         log.log({"step": 0, "epoch": 0.0, "tokens_seen": 0, **run_eval(0, track_best=False)})
         plot_run(run_dir)
     model.train()
