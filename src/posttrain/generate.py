@@ -324,7 +324,7 @@ class BatchGeneration:
     stream) triples; they join the batch at once (rows len(prompts), len(prompts) + 1, ... in the
     order admitted) instead of waiting for the running rows to finish. A joining row's tokens are
     the ones it would get alone: its prompt is prefilled on its own, then its keys and values are
-    placed beside the others' in a wider cache, the empty slots masked out. `on_finish(row, result)`,
+    placed beside the others' in one cache, right-aligned, the empty slots masked out. `on_finish(row, result)`,
     when given, hears of each row the step it finishes (its last streamed piece already yielded), so
     a short row's caller need not wait for the batch.
     """
@@ -410,12 +410,11 @@ class BatchGeneration:
             self.rows.append(_Row(self.tokenizer, len(prompt), config, self._stop_ids, self.context, stream))
             generators.append(_generator(config.seed, device))
         new = list(range(first, len(self.rows)))
-        # The running rows' filled slots stay right-aligned at the end of the cache; a longer joining
-        # prompt widens it, and the running rows get masked empty slots on their left.
-        filled = cache.length
-        width = max(filled, max(len(p) for p in prompts))
+        # Prefilled only as wide as the joining prompts; then every row's filled slots are right-aligned
+        # in one cache as wide as the widest, the empty slots on their left masked.
+        new_logits, new_cache = self._prefill(prompts, max(len(p) for p in prompts), 0)
+        width = max(cache.length, new_cache.length)
         extra = max(self.rows[i].budget - self.rows[i].produced for i in active + new)
-        new_logits, new_cache = self._prefill(prompts, width, 0)
         merged = cache.widened(width, width + extra, new_cache)
         positions = torch.cat([positions, torch.tensor([len(p) for p in prompts], device=device)])
         return active + new, torch.cat([logits, new_logits]), positions, merged

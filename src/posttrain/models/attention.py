@@ -76,21 +76,20 @@ class KVCache:
         self.doc_ids = self.doc_ids[rows]
 
     def widened(self, width: int, max_len: int, joining: "KVCache") -> "KVCache":
-        """A new cache of `max_len` slots: these rows, then `joining`'s (a prefill of exactly `width`
-        slots). Every row's filled slots end at `width`: these rows move right by width - length and
-        the slots freed before them get document id -1, which no query attends to. Keys carry their
-        positions already (RoPE, GPT-2's embeddings), so moving them changes nothing they compute."""
-        if joining.length != width or width < self.length:
-            raise ValueError(f"cannot widen a cache of {self.length} slots to {width} with one of {joining.length}")
+        """A new cache of `max_len` slots holding these rows, then `joining`'s, each cache's filled slots
+        moved to end at slot `width`; the slots left empty before them get document id -1, which no
+        query attends to. Keys carry their positions already (RoPE, GPT-2's embeddings), so moving
+        them changes nothing they compute."""
+        if width < max(self.length, joining.length):
+            raise ValueError(f"cannot fit caches of {self.length} and {joining.length} slots into {width}")
         layers, batch, heads, _, dim = self.k.shape
         out = KVCache(layers, batch + joining.k.shape[1], heads, max_len, dim, self.k.dtype, self.k.device)
-        shift = width - self.length
-        for mine, theirs, merged in ((self.k, joining.k, out.k), (self.v, joining.v, out.v)):
-            merged[:, :batch, :, shift:width] = mine[:, :, :, :self.length]
-            merged[:, batch:, :, :width] = theirs[:, :, :, :width]
-        out.doc_ids[:batch, :shift] = -1
-        out.doc_ids[:batch, shift:width] = self.doc_ids[:, :self.length]
-        out.doc_ids[batch:, :width] = joining.doc_ids[:, :width]
+        for cache, rows in ((self, slice(0, batch)), (joining, slice(batch, None))):
+            shift, n = width - cache.length, cache.length
+            out.k[:, rows, :, shift:width] = cache.k[:, :, :, :n]
+            out.v[:, rows, :, shift:width] = cache.v[:, :, :, :n]
+            out.doc_ids[rows, :shift] = -1
+            out.doc_ids[rows, shift:width] = cache.doc_ids[:, :n]
         out.length = width
         return out
 
