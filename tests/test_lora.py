@@ -1,4 +1,4 @@
-"""LoRA, rsLoRA, DoRA (and QLoRA's errors on a CPU) through peft on the native models.
+"""LoRA, rsLoRA, DoRA (and QLoRA's errors on a CPU; QLoRA itself: test_qlora.py) through peft on the native models.
 
 The adapter's numbers: merged logits equal adapter logits; a saved adapter loads with peft onto
 transformers' own model of the same checkpoint (posttrain's export of the base) and gives the same
@@ -13,6 +13,7 @@ its adapters off (one model in memory). Bad input gets errors that say what exis
 import contextlib
 import json
 import math
+import sys
 import warnings
 from pathlib import Path
 
@@ -416,12 +417,8 @@ def test_qlora_on_a_cpu_is_refused_by_every_trainer(tmp_path, make_tiny_model, c
         cli.run(args)
 
 
-def test_qlora_without_bitsandbytes_says_how_to_install_it():
-    try:
-        import bitsandbytes  # noqa: F401
-        pytest.skip("bitsandbytes is installed")
-    except ImportError:
-        pass
+def test_qlora_without_bitsandbytes_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what `import bitsandbytes` meets where it is missing
     with pytest.raises(ValueError, match="needs bitsandbytes, which is not installed.*pip install bitsandbytes"):
         require_bitsandbytes()
 

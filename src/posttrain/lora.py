@@ -22,6 +22,8 @@ The variants: lora (scale alpha / r), rslora (alpha / sqrt(r), Kalajdzievski 202
 every linear layer of the blocks into a bitsandbytes 4-bit layer (CUDA only) and keeps the
 adapters, embeddings, norms and head in bf16. Merging always starts from the base in full
 precision (the run's adapter is reloaded onto it), never from the 4-bit copy.
+tests/test_qlora.py runs this path on the CPU (bitsandbytes' CPU backend, the CUDA guard lifted):
+the refusal on a CPU is a choice for users, not a limit of the code.
 
 A run's `model/` folder then holds the adapter (PEFT format), the tokenizer, posttrain.json (prompt
 style) and posttrain_adapter.json (what posttrain loads the base from); `posttrain.weights.load`
