@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from posttrain.train.linear_cross_entropy import linear_cross_entropy
+
 IGNORE_INDEX = -100
 
 LossOutput = tuple[torch.Tensor, "int | torch.Tensor", dict]
@@ -59,12 +61,16 @@ def sft_loss(model: nn.Module, batch: dict) -> LossOutput:
     gradient), and prompt, padding and other ignored positions would be computed only to be
     thrown away. `model.hidden` gives the final-normed states; selecting the N target rows first
     makes the head an (N, C) x (C, V) product. Logits are upcast to fp32 so the log-softmax is
-    accurate under bf16.
+    accurate under bf16. A plain bias-free head (every native model's, unless LoRA adapts it) goes
+    through `linear_cross_entropy`, which never holds more than one chunk of those logits.
     """
     targets = batch["targets"]
     hidden = model.hidden(batch["input_ids"], position_ids=batch.get("position_ids"),
                           document_ids=batch.get("document_ids"))  # (B, T, C)
     mask = targets != IGNORE_INDEX  # (B, T)
-    logits = model.lm_head(hidden[mask])  # (N, V)
-    loss_sum = F.cross_entropy(logits.float(), targets[mask], reduction="sum")
+    head = model.lm_head
+    if type(head) is nn.Linear and head.bias is None:
+        loss_sum = linear_cross_entropy(hidden[mask], head.weight, targets[mask])
+    else:  # an adapted or quantized head: its own forward
+        loss_sum = F.cross_entropy(head(hidden[mask]).float(), targets[mask], reduction="sum")  # (N, V) logits
     return loss_sum, mask.sum(), {}
