@@ -4,7 +4,7 @@ The data are the peers' own: `make_examples(N_EX)` imported from ../shared/bench
 PEER_BENCH_DIR; relative paths are taken from the repository root), Alpaca-like lengths with mean
 about 243 tokens, completion-only loss. Each example becomes (ids, trainable = completion_mask) and
 goes through posttrain as a training run would: `data.batching.BatchLoader` (padding: batch 16;
-packed: rows of 1024, batch 16; concat also accepted), `train.losses.sft_loss` (LM head at target
+packed: rows of 1024, batch 16; concat also accepted), `train.losses.sft_loss` (chunked LM head at target
 positions only), `train.loop.forward_backward`, gradient clipping, fused AdamW from
 `train.optim`, bf16-mixed autocast on CUDA (fp32 on CPU), optional `torch.compile` of each block as
 the loop does it (COMPILE=1), random GPT-2 weights. Batches are collated in the timed loop, so a
@@ -24,8 +24,10 @@ One JSON line per (size, mode), timed over the steps after WARMUP:
                     null on CPU.
 
 Env: SIZES=124M,355M (or tiny: 2 layers, 64 dims, for a CPU smoke run), MODES=padding,packed,
-N_EX=4000, BATCH=16, MAX_LENGTH=1024, STEPS (default: one epoch), WARMUP=10 (always leaves at
-least one timed step), COMPILE=0|1, PRECISION=auto (bf16-mixed on CUDA, fp32 on CPU), DEVICE=auto.
+N_EX=4000, BATCH=16, MAX_LENGTH=1024, STEPS (default: one epoch; packed and concat time full
+batches only, so a compiled step never meets a new shape), WARMUP=10 (always leaves at least one
+timed step), COMPILE=0|1, ACT_CKPT=0|1 (activation checkpointing of every block, as
+train.activation_checkpointing), PRECISION=auto (bf16-mixed on CUDA, fp32 on CPU), DEVICE=auto.
 
 CPU smoke check (repository root):
     SIZES=tiny STEPS=3 WARMUP=1 N_EX=200 BATCH=4 python benchmarks/sft_throughput.py
@@ -55,7 +57,7 @@ from posttrain.data.batching import BatchLoader
 from posttrain.data.tokenize import TokenizedDataset
 from posttrain.models.attention import attention_backend
 from posttrain.models.gpt2 import GPT2, GPT2Config
-from posttrain.train.loop import _autocast, _compile_blocks, _resolve_precision, forward_backward
+from posttrain.train.loop import _autocast, _checkpoint_blocks, _compile_blocks, _resolve_precision, forward_backward
 from posttrain.train.losses import count_units, sft_loss
 from posttrain.train.optim import build_optimizer, param_groups
 
@@ -75,11 +77,14 @@ def item_counts(loader: BatchLoader) -> tuple[np.ndarray, np.ndarray]:
 def run(size: str, mode: str, dataset: TokenizedDataset, device: torch.device) -> dict:
     batch_size, max_length = env_int("BATCH", 16), env_int("MAX_LENGTH", 1024)
     compile_blocks = os.environ.get("COMPILE", "0") not in ("", "0", "false")
+    checkpointing = os.environ.get("ACT_CKPT", "0") not in ("", "0", "false")
     precision = _resolve_precision(os.environ.get("PRECISION", "auto"), device)
     autocast = _autocast(precision, device)
 
     loader = BatchLoader(dataset, mode=mode, batch_size=batch_size, max_length=max_length, pad_id=PAD_ID, seed=0)
     order = loader.batch_order(0)
+    if mode != "padding":  # every step one shape: a short last batch would recompile inside the timing
+        order = [idx for idx in order if len(idx) == batch_size]
     total = min(env_int("STEPS", len(order)), len(order))
     warmup = min(env_int("WARMUP", 10), total - 1)
     real, pairs = item_counts(loader)
@@ -92,6 +97,8 @@ def run(size: str, mode: str, dataset: TokenizedDataset, device: torch.device) -
     model.train()
     optimizer = build_optimizer(param_groups(model, 0.1), lr=5e-5)  # fused AdamW on CUDA
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    if checkpointing:
+        _checkpoint_blocks(model)
     if compile_blocks:
         _compile_blocks(model)
     matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
@@ -127,7 +134,8 @@ def run(size: str, mode: str, dataset: TokenizedDataset, device: torch.device) -
                 step_ms=round(1000 * seconds / timed, 1), collate_ms=round(1000 * collate_s / timed, 1),
                 peak_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
                 mfu=round(flops / seconds / PEAK_FLOPS, 3) if cuda else None, fill=round(loader.stats["fill"], 3),
-                params=sum(p.numel() for p in model.parameters()), compile=compile_blocks, precision=precision,
+                params=sum(p.numel() for p in model.parameters()), compile=compile_blocks,
+                activation_checkpointing=checkpointing, precision=precision,
                 attention="flex" if cuda and mode != "padding" and attention_backend() != "sdpa" else "sdpa",
                 final_loss=round(loss.item(), 4))
 
