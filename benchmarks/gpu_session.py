@@ -20,7 +20,7 @@ $OUT/session.log; and at the end a summary (checks, our figures against the peer
 peak memory at equal tokens per step) is printed and written to $OUT/summary.md, ready for
 benchmarks/RESULTS.md.
 
-Env: STAGES (default checks,sft,dpo,lora,classify,generation), BUDGET_S=420, OUT (default
+Env: STAGES (default checks,sft,dpo,lora,classify,generation,memory), BUDGET_S=420, OUT (default
 ./gpu-session-out), SMOKE=1: tiny configurations on the CPU and no peers (the plumbing check that
 tests/test_benchmarks.py runs).
 """
@@ -40,7 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / ".bench"  # carried to the GPU machine: peers' scripts, wheels, encoder.json/vocab.bpe
 SITE = Path("/tmp/posttrain-bench-site")  # where the carried wheels are installed there
-STAGES = ("checks", "sft", "dpo", "lora", "classify", "generation")
+STAGES = ("checks", "sft", "dpo", "lora", "classify", "generation", "memory")
 
 
 @dataclass
@@ -78,6 +78,7 @@ def gpu_jobs() -> list[Job]:
         Job("generation", "eval-generate", "benchmarks/eval_generate.py",
             dict(MODEL="random:gpt2", N="256", BATCH="64", NEW="128"), 60),
         Job("generation", "training-step", "benchmarks/throughput.py", dict(BATCH="16", SEQ="1024", STEPS="10"), 60),
+        Job("memory", "sft-step-355M", "benchmarks/memory.py", dict(SIZE="355M", BATCH="16", SEQ="1024", STEPS="3"), 90),
     ]
 
 
@@ -204,6 +205,13 @@ def summarize(rows: list[dict], outcomes: list[dict]) -> str:
             ratio = f"{r['pairs_per_s'] / peer['pairs_per_s']:.1f}" if peer and r is not peer else "-"
             lines.append(f"| {r.get('tool')} | {r.get('mode', '-')} | {r.get('reference', 'memory')} | {r['size']} | "
                          f"{_fmt(r['pairs_per_s'], 1)} | {ratio} | {_fmt(r.get('tok_per_s'))} | {_fmt(r.get('peak_gib'), 2)} |")
+
+    memory = [r for r in rows if r.get("stage") == "memory" and "peak_gib" in r]
+    if memory:
+        lines += ["", "## Peak memory of an SFT step", "", "| size | rows x seq | head | act. ckpt | peak GiB | step s |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['size']} | {r['batch']} x {r['seq']} | {r['head']} | {r['activation_checkpointing']} | "
+                  f"{_fmt(r['peak_gib'], 2)} | {r['step_s']} |" for r in memory]
 
     other = [r for r in rows if r.get("stage") in ("lora", "classify", "generation") and "error" not in r
              and any(k.endswith("per_s") for k in r)]

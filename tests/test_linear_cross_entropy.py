@@ -145,3 +145,16 @@ def test_sft_loss_with_an_adapted_head_takes_the_head_forward():
     loss, _, _ = sft_loss(model, batch)
     expected = F.cross_entropy(model(ids).flatten(0, 1).float(), ids.roll(-1, 1).flatten(), reduction="sum")
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_fp16_with_a_loss_scaler_sized_gradient_stays_finite():
+    """Under fp16, GradScaler multiplies the loss by up to 2^16: the stored fp16 gradients are scaled
+    in fp32, so the states' gradient neither overflows nor loses the factor."""
+    h_ref, w_ref, t = inputs()
+    h, w, _ = inputs()
+    (2.0**16 * plain(h_ref, w_ref, t)).backward()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = linear_cross_entropy(h, w, t, 8)
+    (2.0**16 * loss).backward()
+    assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+    torch.testing.assert_close(h.grad, h_ref.grad, rtol=2e-2, atol=2e-2 * h_ref.grad.abs().max().item())

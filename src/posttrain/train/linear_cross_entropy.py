@@ -85,7 +85,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
-        return (None if grad_hidden is None else (grad_hidden * grad_loss).to(hidden_dtype),
+        # Scaled in fp32: under fp16 the incoming gradient carries GradScaler's factor (up to 2^16).
+        return (None if grad_hidden is None else
+                (grad_hidden.to(_accumulation_dtype(grad_hidden.dtype)) * grad_loss).to(hidden_dtype),
                 None if grad_weight is None else (grad_weight * grad_loss).to(weight_dtype),
                 None, None, None)
 
