@@ -108,6 +108,38 @@ def install_carried_wheels(log) -> str | None:
     return str(SITE) if done.returncode == 0 else None
 
 
+VERSIONS = """
+import importlib.metadata as m, json, platform, torch
+names = ["torch", "transformers", "peft", "trl", "datasets", "pyarrow", "bitsandbytes", "triton", "numpy"]
+versions = {}
+for name in names:
+    try:
+        versions[name] = m.version(name)
+    except m.PackageNotFoundError:
+        versions[name] = None
+problems = {}
+for name in ("trl", "datasets", "bitsandbytes"):  # the carried ones: do they import against what is there?
+    try:
+        __import__(name)
+    except Exception as e:
+        problems[name] = repr(e)[:300]
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+print(json.dumps({"setup": "versions", "python": platform.python_version(), "gpu": gpu, **versions,
+                  "import_errors": problems}))
+"""
+
+
+def record_versions(env: dict, results, log) -> dict:
+    """One `setup` row: library versions, the GPU, and whether the carried wheels import there."""
+    done = subprocess.run([sys.executable, "-c", VERSIONS], env=env, capture_output=True, text=True, timeout=120)
+    log.write(f"$ versions: exit {done.returncode}\n{done.stdout}{done.stderr}\n")
+    line = next((l for l in done.stdout.splitlines() if l.startswith("{")), None)
+    row = {"stage": "setup", "job": "versions", **(json.loads(line) if line else {"error": done.stderr[-300:]})}
+    results.write(json.dumps(row) + "\n")
+    results.flush()
+    return row
+
+
 def run_job(job: Job, env: dict, limit_s: float, results, log) -> dict:
     """Run one job in its own process group, killed with its children (TRL's data-loader workers) past
     limit_s; its JSON lines go into results as they come. Returns the job's outcome row."""
@@ -169,7 +201,12 @@ def _fmt(v, digits=0):
 
 def summarize(rows: list[dict], outcomes: list[dict]) -> str:
     """Markdown: the checks, then each benchmark's figures, ours beside the peer's as a ratio."""
-    lines = ["## Jobs", "", "| stage | job | exit | seconds | rows |", "| --- | --- | --- | --- | --- |"]
+    lines = []
+    setup = next((r for r in rows if r.get("stage") == "setup"), None)
+    if setup:
+        shown = {k: v for k, v in setup.items() if k not in ("stage", "job", "setup")}
+        lines += ["## Machine and versions", "", f"`{json.dumps(shown)}`", ""]
+    lines += ["## Jobs", "", "| stage | job | exit | seconds | rows |", "| --- | --- | --- | --- | --- |"]
     for o in outcomes:
         status = "skipped: " + o["skipped"] if "skipped" in o else ("killed at its limit" if o["timed_out"]
                                                                    else o["exit"])
@@ -245,6 +282,7 @@ def main() -> None:
     with open(out / "results.jsonl", "w") as results, open(out / "session.log", "w") as log:
         site = None if smoke else install_carried_wheels(log)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), site, os.environ.get("PYTHONPATH")) if p)
+        print(json.dumps(record_versions(env, results, log)), flush=True)
         for job in (smoke_jobs() if smoke else gpu_jobs()):
             if job.stage not in wanted:
                 continue
