@@ -60,7 +60,7 @@ def gpu_jobs() -> list[Job]:
     sft = dict(N_EX="2000", SIZES="124M,355M")
     dpo = dict(N_PAIRS="400")
     return [
-        Job("checks", "cuda-checks", "benchmarks/cuda_checks.py", cap_s=150),
+        Job("checks", "cuda-checks", "benchmarks/cuda_checks.py", cap_s=210),
         Job("sft", "peer-trl-packing", ".bench/peer_sft.py", dict(sft, MODES="trl-packing"), 150, peer=True),
         Job("sft", "packed-compiled", "benchmarks/sft_throughput.py", dict(sft, MODES="packed", COMPILE="1"), 150),
         Job("sft", "padding", "benchmarks/sft_throughput.py", dict(sft, MODES="padding", STEPS="60"), 60),
@@ -169,7 +169,10 @@ def run_job(job: Job, env: dict, limit_s: float, results, log) -> dict:
         while True:
             left = deadline - time.perf_counter()
             if left <= 0:
-                os.killpg(proc.pid, signal.SIGKILL)
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:  # the group is gone; a straggler elsewhere may hold the pipe
+                    pass
                 timed_out = True
                 break
             if not selector.select(timeout=min(1.0, left)):

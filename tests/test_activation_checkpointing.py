@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import torch.utils.checkpoint
 
 from posttrain.lora import LoraConfig, apply_lora
 from posttrain.train.loop import TrainConfig, _checkpoint_blocks, train
@@ -118,12 +119,57 @@ def test_the_cli_flag_reaches_the_loop_and_changes_nothing_but_memory(tmp_path, 
     monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
     model_dir = save_tiny_llama(tiny_tokenizer, tmp_path / "tiny-llama")
     data = write_alpaca(tmp_path / "alpaca.json")
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda *args, **kwargs: calls.append(1) or checkpoint(*args, **kwargs))
+    counted = {}
     for flag in ("false", "true"):
+        calls.clear()
         cli.main(["sft", "--model", str(model_dir), "--data.path", str(data), "--data.style", "alpaca",
                   "--data.batching", "packed", "--data.max_length", "256", "--train.max_steps", "3",
                   "--train.log_every", "1", "--train.progress", "false", "--train.tensorboard", "false",
                   "--train.activation_checkpointing", flag, "--samples.prompts", "0",
                   "--run_dir", str(tmp_path / flag)])
+        counted[flag] = len(calls)
+    assert counted == {"false": 0, "true": 3 * 2}  # 3 steps x 2 blocks, none in evaluation
     config = (tmp_path / "true" / "config.yaml").read_text()
     assert "activation_checkpointing: true" in config
     assert losses(tmp_path / "true") == pytest.approx(losses(tmp_path / "false"), abs=1e-5)
+
+
+def test_compile_traces_the_checkpoint_into_its_graph(make_tiny_model):
+    """Compiled after wrapping, each block's graph holds the checkpoint as one operator (no graph break)."""
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    model = make_tiny_model("gpt2").train()
+    _checkpoint_blocks(model)
+    for block in model.transformer.h:
+        block.compile(backend=recording_backend)
+    expected = gradients(make_tiny_model("gpt2").train(), packed_batch(model.config.vocab_size))
+    got = gradients(model, packed_batch(model.config.vocab_size))
+    torch._dynamo.reset()
+    assert graphs and all(any("checkpoint" in str(node.target) for node in g.graph.nodes) for g in graphs)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_flex_attention_block_masks_pass_through_the_checkpoint(make_tiny_model, monkeypatch):
+    """The CUDA path hands a FlexAttention BlockMask (not a tensor) to every block: run flex here (its
+    reference kernels, the CPU backward check lifted) and compare with and without checkpointing."""
+    import torch.nn.attention.flex_attention as torch_flex
+    from posttrain.models.attention import ATTENTION_ENV
+
+    monkeypatch.setenv(ATTENTION_ENV, "flex")
+    monkeypatch.setattr(torch_flex, "_validate_device", lambda query, key, value: None)
+    plain, checkpointed = make_tiny_model("llama").train(), make_tiny_model("llama").train()
+    _checkpoint_blocks(checkpointed)
+    batch = packed_batch(plain.config.vocab_size)
+    expected, got = gradients(plain, batch), gradients(checkpointed, batch)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-7, msg=k)

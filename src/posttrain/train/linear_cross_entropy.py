@@ -103,7 +103,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, dtype)
     # No gradient wanted (evaluation): the loss alone, still chunk by chunk.
     loss = torch.zeros((), dtype=_accumulation_dtype(dtype), device=hidden.device)
-    for start in range(0, hidden.shape[0], chunk_size):
-        logits = F.linear(hidden[start:start + chunk_size].to(dtype), weight.to(dtype)).to(loss.dtype)
+    h, w = hidden.to(dtype), weight.to(dtype)  # cast once, not once per chunk
+    for start in range(0, h.shape[0], chunk_size):
+        logits = F.linear(h[start:start + chunk_size], w).to(loss.dtype)
         loss += _chunk_loss(logits, targets[start:start + chunk_size])[0]
     return loss

@@ -71,7 +71,7 @@ class TrainConfig:
         compile: torch.compile each transformer block; a string names the backend.
         activation_checkpointing: keep only each transformer block's input for the backward pass and
             recompute the rest there: activation memory of one block instead of all of them, for about
-            a third more block compute (the LM head's loss is chunked anyway).
+            a third more block compute (SFT's LM-head loss is chunked anyway).
         eval_every: optimizer steps between evaluations (val loss and samples); 0: at the end only.
         eval_on_start: also evaluate before the first step (a step-0 row: the baseline).
         log_every: steps between metrics.jsonl rows (evaluation steps always log).
