@@ -20,7 +20,7 @@ SMOKE = {
                                BATCH="2", SEQ="32"),
     "sft_throughput.py": dict(SIZES="tiny", MODES="padding,packed", N_EX="40", STEPS="2", WARMUP="1", BATCH="4",
                               MAX_LENGTH="1024"),  # the peers' examples run up to about 800 tokens
-    "memory.py": dict(SIZE="tiny", BATCH="2", SEQ="64", STEPS="1"),
+    "memory.py": dict(SIZE="tiny", BATCH="2", SEQ="64", STEPS="1", CKPT="1"),  # both heads; a process each
     "dpo_throughput.py": dict(SIZES="tiny", MODES="padding,packed", REFERENCE="memory,cached", N_PAIRS="16",
                               STEPS="2", WARMUP="1", BATCH="4", MAX_LENGTH="256"),
 }

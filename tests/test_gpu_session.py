@@ -35,17 +35,15 @@ def run_session(tmp_path, **env):
     return done.stdout, rows, (out / "summary.md").read_text()
 
 
-def test_smoke_session_runs_the_checks_and_a_benchmark(tmp_path):
-    stdout, rows, summary = run_session(tmp_path, STAGES="checks,classify")
+def test_smoke_session_runs_the_checks(tmp_path):
+    """The checks stage at CPU size (the benchmarks' own smoke runs are tests/test_benchmarks.py)."""
+    stdout, rows, summary = run_session(tmp_path, STAGES="checks")
     checks = [r for r in rows if r["stage"] == "checks"]
     assert [r["check"] for r in checks] == ["packed_equals_one_by_one", "kv_cache_matches_full_forward",
                                            "activation_checkpointing"]
     assert all(r["ok"] is True for r in checks), checks
-    classify = [r for r in rows if r["stage"] == "classify" and "examples_per_s" in r]
-    assert classify and all(r["examples_per_s"] > 0 for r in classify)
-    assert not any(r["stage"] == "sft" for r in rows)  # a stage not asked for does not run
+    assert {r["stage"] for r in rows} == {"setup", "checks"}  # a stage not asked for does not run
     assert "## Checks" in summary and "| packed_equals_one_by_one | True |" in summary
-    assert "## LoRA, classification, generation" in summary
 
 
 def test_what_the_budget_cannot_hold_is_listed_as_skipped(tmp_path):
@@ -97,6 +95,7 @@ def test_summary_sets_our_figures_beside_the_peers():
          "pairs_per_s": 300.0, "tok_per_s": 96000, "peak_gib": 5.0},
         {"stage": "checks", "job": "cuda-checks", "check": "flex_vs_sdpa", "ok": False, "seconds": 3.0},
         {"stage": "lora", "job": "lora", "tool": "posttrain", "size": "x", "error": "boom"},
+        {"stage": "classify", "job": "classify", "bench": "predict", "size": "124M", "examples_per_s": 5000.0},
     ]
     outcomes = [{"stage": "sft", "job": "ours", "exit": 0, "timed_out": False, "rows": 1, "seconds": 9.0},
                 {"stage": "lora", "job": "lora", "skipped": "budget: 3 s left"}]
@@ -108,3 +107,4 @@ def test_summary_sets_our_figures_beside_the_peers():
     assert "| flex_vs_sdpa | False |" in text
     assert "skipped: budget: 3 s left" in text
     assert "## Errors" in text and "boom" in text
+    assert "| classify | `{\"bench\": \"predict\", \"size\": \"124M\", \"examples_per_s\": 5000.0}` |" in text
