@@ -232,7 +232,7 @@ def summarize(rows: list[dict], outcomes: list[dict]) -> str:
             ratio = f"{r['tok_per_s'] / peer['tok_per_s']:.1f}" if peer and r is not peer else "-"
             lines.append(f"| {r.get('tool')} | {r.get('mode')} | {r['size']} | {r.get('bs')} | {r.get('compile', '-')} | "
                          f"{r.get('activation_checkpointing', '-')} | {_fmt(r['tok_per_s'])} | {ratio} | "
-                         f"{_fmt(r.get('mfu'), 3) if r.get('mfu') is not None else '-'} | {_fmt(r.get('peak_gib'), 2)} | "
+                         f"{_fmt(r.get('mfu'), 3)} | {_fmt(r.get('peak_gib'), 2)} | "
                          f"{_fmt(peer.get('peak_gib'), 2) if peer and r is not peer else '-'} |")
 
     dpo = [r for r in rows if r.get("stage") == "dpo" and "pairs_per_s" in r]

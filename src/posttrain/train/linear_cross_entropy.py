@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 # Logits of one chunk, in fp32: about 256 MiB whatever the vocabulary (1335 tokens of GPT-2's 50257,
-# 546 of Llama 3's 128256); large enough for full-speed matrix products on a GPU.
+# 523 of Llama 3's 128256); large enough for full-speed matrix products on a GPU.
 CHUNK_BYTES = 256 * 2**20
 
 
