@@ -159,6 +159,7 @@ def test_compile_traces_the_checkpoint_into_its_graph(make_tiny_model):
         torch.testing.assert_close(got[k], expected[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # expected on a CPU
 def test_flex_attention_block_masks_pass_through_the_checkpoint(make_tiny_model, monkeypatch):
     """The CUDA path hands a FlexAttention BlockMask (not a tensor) to every block: run flex here (its
     reference kernels, the CPU backward check lifted) and compare with and without checkpointing."""
