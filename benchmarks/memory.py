@@ -88,6 +88,7 @@ def measure(head: str, checkpointing: bool) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.item()
         times.append(time.perf_counter() - started)
+    step_s = statistics.median(times)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**30
     else:
@@ -95,9 +96,8 @@ def measure(head: str, checkpointing: bool) -> dict:
     return dict(tool="posttrain", size=size, head=head, activation_checkpointing=checkpointing,
                 batch=env_int("BATCH", 4), seq=env_int("SEQ", 512), target_tokens=units,
                 peak_gib=round(peak, 3), peak_kind="cuda allocated" if device.type == "cuda" else "max RSS",
-                step_s=round(statistics.median(times), 3), tok_per_s=round(batch["num_tokens"] / statistics.median(times)),
-                loss=round(loss.item(), 4), precision=precision,
-                device=machine_name(device))
+                step_s=round(step_s, 3), tok_per_s=round(batch["num_tokens"] / step_s), loss=round(loss.item(), 4),
+                precision=precision, device=machine_name(device))
 
 
 def main() -> None:
